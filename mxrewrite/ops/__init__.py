@@ -1,0 +1,33 @@
+"""Custom ops in the ``mxrewrite`` namespace (``torch.ops.mxrewrite.*``).
+
+* ``norm_cast(x, gamma, fmt, norm, p, scale_mode, eps, correction, gamma_offset, eps_in_root)
+  -> (data, scales, rho, tensor_scale)``: the fused norm + MXFP8/NVFP4 cast.
+* ``mx_linear(x, rho, data, scales, tensor_scale, weight, gamma, bias, fmt, scale_mode,
+  gamma_offset, gamma_in_cast, alpha, out_dtype, grad_cast) -> y``: the linear it feeds.
+* ``rms_norm_backward(grad, x, rho) -> dx``: the straight-through norm gradient.
+
+Each has a fake (meta) implementation for torch.compile / torch.export and an
+autograd formula. Data and scales travel between ops as raw uint8 bytes; view
+them with :func:`typed_views`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mxrewrite.formats import FormatSpec, get_format
+from mxrewrite.ops.mx_linear import GRAD_CASTS, mx_linear, rms_norm_backward
+from mxrewrite.ops.mxnorm_constants import gaussian_correction
+from mxrewrite.ops.norm_cast import norm_cast
+from mxrewrite.ops.reference import NORMS
+
+
+def typed_views(fmt: str | FormatSpec, data: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """View raw op outputs with their real dtypes (packed e2m1 stays uint8: two elements a byte)."""
+    spec = get_format(fmt)
+    elem = torch.uint8 if spec.elems_per_byte == 2 else spec.elem_dtype
+    return data.view(elem), scales.view(spec.scale_dtype)
+
+
+__all__ = ["GRAD_CASTS", "NORMS", "gaussian_correction", "mx_linear", "norm_cast", "rms_norm_backward",
+           "typed_views"]

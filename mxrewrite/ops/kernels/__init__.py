@@ -1,0 +1,43 @@
+"""Triton kernels for the GPU path of the custom ops (CPU uses the PyTorch reference).
+
+Tests also run these kernels on CPU tensors through Triton's interpreter
+(``TRITON_INTERPRET=1``) by calling them directly; the ops themselves only
+dispatch CUDA tensors here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available() -> bool:
+    """Triton is installed and a CUDA GPU is present."""
+    return triton_importable() and torch.cuda.is_available()
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the ops run their Triton kernel for this input."""
+    return x.is_cuda and available()
+
+
+def norm_cast_triton(x, gamma, **kwargs):
+    from mxrewrite.ops.kernels.norm_cast import norm_cast_triton as impl
+
+    return impl(x, gamma, **kwargs)
+
+
+def rms_norm_backward_triton(grad, x, rho):
+    from mxrewrite.ops.kernels.norm_backward import rms_norm_backward_triton as impl
+
+    return impl(grad, x, rho)

@@ -1,0 +1,150 @@
+"""``mxrewrite::mx_linear``: a linear layer fed by a norm's block-scaled cast.
+
+Forward (MXNORM.md): ``y = alpha * (Q(xhat) @ Q(W * diag(gain))^T) + bias`` where
+``Q(xhat)`` is the activation ``norm_cast`` produced and the gain
+``gamma (+ 1 for Gemma)`` is folded into the weight before the weight is cast
+along its input dim. When the cast already applied the gain
+(``gamma_in_cast=True``, the exact-RMSNorm baseline) the weight is cast as is.
+``alpha`` carries constant multipliers that sat between the norm and the linear.
+
+Backward (straight-through, MXNORM.md), with ``xhat = x * rho`` in high
+precision, ``G`` the output gradient and ``H = alpha * G @ W``:
+``grad_xhat = H * gain``, ``grad_W = alpha * G^T @ (xhat * gain)``,
+``grad_gamma = sum_t xhat * H``, ``grad_bias = sum_t G``, and ``grad_x`` from
+``mxrewrite::rms_norm_backward``. With ``grad_cast="mx"`` both backward GEMMs run
+on MX operands blocked along their reduction dim: the gradient with
+float8_e5m2 elements, the other operand with float8_e4m3fn (the MXFP8 training
+recipe, used for NVFP4 models too); ``grad_cast="hp"`` keeps them in high precision.
+
+``rho`` is treated as a constant of ``x``: its dependence on ``x`` is inside the
+norm gradient formula, so nothing flows back through ``norm_cast``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mxrewrite.errors import ConfigError
+from mxrewrite.formats import get_format
+from mxrewrite.formats.constants import MXFP8_BLOCK_SIZE
+from mxrewrite.ops import kernels
+from mxrewrite.ops.matmul import BlockScaledMatrix, block_scaled_mm, dequantize_matrix, quantize_matrix
+from mxrewrite.ops.reference import effective_gain, rms_norm_backward_reference
+
+GRAD_CASTS = ("mx", "hp")
+
+
+@torch.library.custom_op("mxrewrite::rms_norm_backward", mutates_args=())
+def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """``dx = rho * g - (1/D) * rho**3 * x * <g, x>`` per row (see ``reference.rms_norm_backward_reference``)."""
+    if kernels.use_triton(x):
+        return kernels.rms_norm_backward_triton(grad, x, rho)
+    return rms_norm_backward_reference(grad, x, rho)
+
+
+@rms_norm_backward.register_fake
+def _(grad, x, rho):
+    return torch.empty_like(x)
+
+
+def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
+    """High-precision GEMMs run in the model's dtype on GPU and in float32 on CPU."""
+    return t.dtype if t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+@torch.library.custom_op("mxrewrite::mx_linear", mutates_args=())
+def mx_linear(
+    x: torch.Tensor,
+    rho: torch.Tensor,
+    data: torch.Tensor,
+    scales: torch.Tensor,
+    tensor_scale: torch.Tensor,
+    weight: torch.Tensor,
+    gamma: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt: str,
+    scale_mode: str,
+    gamma_offset: float,
+    gamma_in_cast: bool,
+    alpha: float,
+    out_dtype: torch.dtype,
+    grad_cast: str,
+) -> torch.Tensor:
+    """``alpha * (cast activation @ cast(W * gain)^T) + bias``, shape ``x.shape[:-1] + (N,)``."""
+    spec = get_format(fmt)
+    if grad_cast not in GRAD_CASTS:
+        raise ConfigError(f"unknown grad_cast {grad_cast!r}; use one of {GRAD_CASTS}")
+    if weight.shape[-1] != x.shape[-1]:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not take inputs of size {x.shape[-1]}")
+    w = weight
+    if gamma is not None and not gamma_in_cast:
+        w = weight.float() * effective_gain(gamma, gamma_offset)
+    act = BlockScaledMatrix(data.reshape(-1, data.shape[-1]), scales.reshape(-1, scales.shape[-1]),
+                            tensor_scale, spec, spec.elem_dtype)
+    y = block_scaled_mm(act, quantize_matrix(w, spec, scale_mode=scale_mode))
+    if alpha != 1.0:
+        y = y * alpha
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@mx_linear.register_fake
+def _(x, rho, data, scales, tensor_scale, weight, gamma, bias, fmt, scale_mode, gamma_offset, gamma_in_cast,
+      alpha, out_dtype, grad_cast):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
+
+
+def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    return F.pad(t, (0, 0, 0, (-t.shape[0]) % multiple))
+
+
+def _grad_matmul(grad: torch.Tensor, other: torch.Tensor, grad_cast: str, scale_mode: str,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``grad @ other`` (float32), reducing over ``grad``'s last dim; in MX when ``grad_cast="mx"``."""
+    if grad_cast == "hp":
+        return (grad.to(dtype) @ other.to(dtype)).float()
+    # MX operands must be blocked along the reduction dim: pad it to whole blocks with zeros.
+    grad_t = _pad_rows(grad.t(), MXFP8_BLOCK_SIZE).t().contiguous()
+    other_t = _pad_rows(other, MXFP8_BLOCK_SIZE).t().contiguous()
+    a = quantize_matrix(grad_t, "mxfp8", scale_mode=scale_mode, elem_dtype=torch.float8_e5m2)
+    b = quantize_matrix(other_t, "mxfp8", scale_mode=scale_mode)
+    return (dequantize_matrix(a, dtype) @ dequantize_matrix(b, dtype).t()).float()
+
+
+def _setup_context(ctx, inputs, output):
+    x, rho, _, _, _, weight, gamma, bias, fmt, scale_mode, gamma_offset, _, alpha, _, grad_cast = inputs
+    ctx.save_for_backward(x, rho, weight, gamma)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.gamma_offset, ctx.alpha, ctx.grad_cast, ctx.scale_mode = gamma_offset, alpha, grad_cast, scale_mode
+
+
+def _backward(ctx, grad_out):
+    x, rho, weight, gamma = ctx.saved_tensors
+    hidden, out_features = x.shape[-1], weight.shape[0]
+    grad = grad_out.reshape(-1, out_features).float()
+    grad_scaled = grad * ctx.alpha if ctx.alpha != 1.0 else grad
+    xhat = x.reshape(-1, hidden).float() * rho.reshape(-1, 1).float()
+    gain = effective_gain(gamma, ctx.gamma_offset) if gamma is not None else None
+    dtype = _gemm_dtype(x)
+
+    grad_x = grad_w = grad_gamma = grad_bias = None
+    need_x, need_w, need_gamma = ctx.needs_input_grad[0], ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+    if need_x or need_gamma:
+        h = _grad_matmul(grad_scaled, weight, ctx.grad_cast, ctx.scale_mode, dtype)  # (M, D)
+        if need_x:
+            g = h * gain if gain is not None else h
+            grad_x = rms_norm_backward(g.reshape(x.shape), x, rho)
+        if need_gamma:
+            grad_gamma = (xhat * h).sum(0).to(gamma.dtype)
+    if need_w:
+        xg = xhat * gain if gain is not None else xhat
+        grad_w = _grad_matmul(grad_scaled.t(), xg, ctx.grad_cast, ctx.scale_mode, dtype).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[7]:
+        grad_bias = grad.sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_w, grad_gamma, grad_bias, None, None, None, None, None, None, None
+
+
+mx_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,81 @@
+"""``mxrewrite::norm_cast``: normalise over the last dim and cast to MXFP8/NVFP4 in one op.
+
+``norm="mxnorm"`` estimates the RMS from the cast's own block maxima (MXNorm,
+MXNORM.md "pre" mode); ``norm="rmsnorm"`` is the exact RMSNorm fused with the
+same cast (the paper's baseline). See :mod:`mxrewrite.ops.reference` for the math.
+
+The outputs are not differentiable: gradients reach ``x`` through
+``mxrewrite::mx_linear``, which receives ``x`` and ``rho`` as well and applies the
+straight-through norm gradient. On CUDA the op runs the fused Triton kernel; on
+CPU (or without Triton) the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mxrewrite.errors import UnsupportedDtypeError
+from mxrewrite.formats import get_format
+from mxrewrite.formats.constants import SUPPORTED_INPUT_DTYPES
+from mxrewrite.formats.e8m0 import check_scale_mode
+from mxrewrite.formats.spec import check_cast_input
+from mxrewrite.ops import kernels
+from mxrewrite.ops.reference import check_norm_args, norm_cast_reference
+
+
+def check_norm_cast_args(x: torch.Tensor, gamma: torch.Tensor | None, fmt: str, norm: str, p: int,
+                         scale_mode: str) -> None:
+    """Our errors for every bad argument, before any kernel sees it."""
+    spec = get_format(fmt)
+    check_norm_args(norm, p)
+    check_scale_mode(scale_mode)
+    check_cast_input(x, spec.block_size, spec.name)
+    if gamma is not None:
+        if gamma.dtype not in SUPPORTED_INPUT_DTYPES:
+            raise UnsupportedDtypeError.for_dtype(gamma.dtype, SUPPORTED_INPUT_DTYPES, "norm gain gamma")
+        if gamma.shape != x.shape[-1:]:
+            raise ValueError(f"gamma has shape {tuple(gamma.shape)} but the normalised dim has size "
+                             f"{x.shape[-1]}; pass the norm's weight of shape ({x.shape[-1]},)")
+
+
+@torch.library.custom_op("mxrewrite::norm_cast", mutates_args=())
+def norm_cast(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    fmt: str,
+    norm: str,
+    p: int,
+    scale_mode: str,
+    eps: float,
+    correction: float,
+    gamma_offset: float,
+    eps_in_root: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(data, scales, rho, tensor_scale)``; data and scales as raw uint8 bytes."""
+    check_norm_cast_args(x, gamma, fmt, norm, p, scale_mode)
+    args = dict(fmt=fmt, norm=norm, p=p, scale_mode=scale_mode, eps=eps, correction=correction,
+                gamma_offset=gamma_offset, eps_in_root=eps_in_root)
+    if kernels.use_triton(x):
+        return kernels.norm_cast_triton(x, gamma, **args)
+    return norm_cast_reference(x, gamma, **args)
+
+
+@norm_cast.register_fake
+def _(x, gamma, fmt, norm, p, scale_mode, eps, correction, gamma_offset, eps_in_root):
+    spec = get_format(fmt)
+    lead, hidden = x.shape[:-1], x.shape[-1]
+    data = x.new_empty((*lead, hidden // spec.elems_per_byte), dtype=torch.uint8)
+    scales = x.new_empty((*lead, hidden // spec.block_size), dtype=torch.uint8)
+    rho = x.new_empty(lead, dtype=torch.float32)
+    return data, scales, rho, x.new_empty((), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _backward(ctx, *grads):
+    return (None,) * 10
+
+
+norm_cast.register_autograd(_backward, setup_context=_setup_context)

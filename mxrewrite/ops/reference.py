@@ -1,0 +1,145 @@
+"""The norm-and-cast math in plain PyTorch: the reference every kernel must reproduce bit for bit.
+
+For one row ``x`` of length ``D = K * B`` (MXNORM.md, "pre" mode):
+
+* MXNorm: ``m_k = max_b |x_kb|``, ``r = c * ((1/K) sum_k m_k**p) ** (1/p) + eps``.
+* exact RMSNorm: ``r = sqrt(mean(x**2) + eps)`` (or ``sqrt(mean(x**2)) + eps``
+  when the model adds eps outside the root).
+
+Both give ``rho = 1 / r`` (float32), the normalised row ``xhat = x * rho``
+(times ``gamma + gamma_offset`` when the gain is applied before the cast), and
+the cast of ``xhat`` to the target format. Because ``x -> x * rho`` is monotone,
+the block maxima of ``xhat`` are ``m_k * rho`` exactly: the MXNorm cast needs no
+second reduction, and the result is bit-identical to casting ``xhat``.
+
+Rounding is pinned so kernels can match it: the MXNorm power mean is summed in
+float64 (every ``m_k**p`` is exact there, so the order of summation cannot
+change the float32 result), ``c * M + eps`` is rounded to float32 once, and
+``rho = 1 / r`` is an IEEE float32 division. The exact RMSNorm sums ``x**2`` in
+float32 (as ``torch.rms_norm`` does), so a kernel's ``rho`` may differ from this
+one in the last bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mxrewrite.errors import ConfigError
+from mxrewrite.formats import get_format, mx_quantize, nvfp4_quantize
+from mxrewrite.formats.mx import block_amax
+from mxrewrite.formats.nvfp4 import NVFP4_SCALE_RANGE
+from mxrewrite.ops.mxnorm_constants import POWERS, mxnorm_output_bound, rmsnorm_output_bound
+
+NORMS = ("mxnorm", "rmsnorm")
+
+
+def check_norm_args(norm: str, p: int) -> None:
+    if norm not in NORMS:
+        raise ConfigError(f"unknown norm {norm!r}; use one of {NORMS}")
+    if norm == "mxnorm" and p not in POWERS:
+        raise ConfigError(f"MXNorm power p={p} is not supported; use p=1 or p=2 (p=2 is the stable default)")
+
+
+def mxnorm_rho(x: torch.Tensor, *, p: int, block_size: int, correction: float, eps: float) -> torch.Tensor:
+    """``1 / (c * M_p + eps)`` per row from the block absolute maxima (float32, shape ``x.shape[:-1]``)."""
+    amax = block_amax(x, block_size).double()
+    power_mean = (amax if p == 1 else amax * amax).mean(-1)
+    if p == 2:
+        power_mean = power_mean.sqrt()
+    r = (correction * power_mean + eps).float()
+    return 1.0 / r
+
+
+def rmsnorm_rho(x: torch.Tensor, *, eps: float, eps_in_root: bool = True) -> torch.Tensor:
+    """``1 / sqrt(mean(x**2) + eps)`` per row (float32); ``1 / (sqrt(mean(x**2)) + eps)`` if not ``eps_in_root``."""
+    xf = x.float()
+    mean_sq = (xf * xf).mean(-1)
+    r = (mean_sq + eps).sqrt() if eps_in_root else mean_sq.sqrt() + eps
+    return 1.0 / r
+
+
+def norm_rho(x: torch.Tensor, *, norm: str, p: int, block_size: int, correction: float, eps: float,
+             eps_in_root: bool = True) -> torch.Tensor:
+    if norm == "mxnorm":
+        return mxnorm_rho(x, p=p, block_size=block_size, correction=correction, eps=eps)
+    return rmsnorm_rho(x, eps=eps, eps_in_root=eps_in_root)
+
+
+def effective_gain(gamma: torch.Tensor, gamma_offset: float) -> torch.Tensor:
+    """The gain a norm applies, in float32: ``gamma`` or Gemma's ``1 + gamma``."""
+    g = gamma.float()
+    return g + gamma_offset if gamma_offset != 0.0 else g
+
+
+def activation_tensor_scale(
+    hidden: int, gamma: torch.Tensor | None, *, fmt: str, norm: str, p: int, correction: float,
+    gamma_offset: float = 0.0, device: torch.device | None = None,
+) -> torch.Tensor:
+    """The static per-tensor scale of a normalised activation (NVFP4), from the norm's output bound.
+
+    MXNorm and RMSNorm bound ``|xhat|`` (``K**(1/p) / c`` and ``sqrt(D)``), so
+    the scale is fixed without a tensor-wide reduction: ``bound * max|gain| / (6 * 448)``.
+    MXFP8 has no per-tensor scale: 1.0.
+    """
+    spec = get_format(fmt)
+    if not spec.tensor_scale:
+        return torch.ones((), dtype=torch.float32, device=device)
+    if norm == "mxnorm":
+        bound = mxnorm_output_bound(p, hidden // spec.block_size, correction)
+    else:
+        bound = rmsnorm_output_bound(hidden)
+    scale = torch.tensor(bound / NVFP4_SCALE_RANGE, dtype=torch.float32, device=device)
+    if gamma is not None:
+        scale = scale * effective_gain(gamma, gamma_offset).abs().amax().to(scale.device)
+    return scale
+
+
+def norm_cast_reference(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    *,
+    fmt: str,
+    norm: str,
+    p: int,
+    scale_mode: str,
+    eps: float,
+    correction: float,
+    gamma_offset: float = 0.0,
+    eps_in_root: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalise ``x`` over its last dim and cast it: ``(data, scales, rho, tensor_scale)``.
+
+    ``data`` and ``scales`` are raw bytes (uint8): float8_e4m3fn / E8M0 for MXFP8,
+    packed e2m1 / float8_e4m3fn for NVFP4. ``rho`` is float32 of shape
+    ``x.shape[:-1]``; ``tensor_scale`` is a 0-d float32 tensor (1.0 for MXFP8).
+    """
+    spec = get_format(fmt)
+    check_norm_args(norm, p)
+    rho = norm_rho(x, norm=norm, p=p, block_size=spec.block_size, correction=correction, eps=eps,
+                   eps_in_root=eps_in_root)
+    xhat = x.float() * rho.unsqueeze(-1)
+    if gamma is not None:
+        xhat = xhat * effective_gain(gamma, gamma_offset)
+    if spec.tensor_scale:
+        tscale = activation_tensor_scale(x.shape[-1], gamma, fmt=fmt, norm=norm, p=p, correction=correction,
+                                         gamma_offset=gamma_offset, device=x.device)
+        data, scales, tscale = nvfp4_quantize(xhat, tscale)
+    else:
+        data, scales = mx_quantize(xhat, elem_dtype=spec.elem_dtype, block_size=spec.block_size,
+                                   scale_mode=scale_mode)
+        tscale = torch.ones((), dtype=torch.float32, device=x.device)
+    return data.view(torch.uint8), scales.view(torch.uint8), rho, tscale
+
+
+def rms_norm_backward_reference(grad: torch.Tensor, x: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """Straight-through norm gradient: ``dx = rho * g - (1/D) * rho**3 * x * <g, x>`` (in ``x.dtype``).
+
+    ``g`` is the gradient with respect to the normalised activation ``x * rho``;
+    this is RMSNorm's exact gradient evaluated with the (estimated) ``rho``.
+    """
+    g = grad.float()
+    xf = x.float()
+    r = rho.float().unsqueeze(-1)
+    dot = (g * xf).sum(-1, keepdim=True)
+    dx = r * g - (r * r * r) * xf * (dot / x.shape[-1])
+    return dx.to(x.dtype)
