@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from mxrewrite.formats import FormatSpec, get_format
-from mxrewrite.ops.mx_linear import GRAD_CASTS, mx_linear, rms_norm_backward
+from mxrewrite.ops.mx_linear import GRAD_CASTS, mx_linear
+from mxrewrite.ops.norm_backward import rms_norm_backward
 from mxrewrite.ops.mxnorm_constants import gaussian_correction
 from mxrewrite.ops.norm_cast import norm_cast
 from mxrewrite.ops.reference import NORMS

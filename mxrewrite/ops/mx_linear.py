@@ -28,24 +28,11 @@ import torch.nn.functional as F
 from mxrewrite.errors import ConfigError
 from mxrewrite.formats import get_format
 from mxrewrite.formats.constants import MXFP8_BLOCK_SIZE
-from mxrewrite.ops import kernels
 from mxrewrite.ops.matmul import BlockScaledMatrix, block_scaled_mm, dequantize_matrix, quantize_matrix
-from mxrewrite.ops.reference import effective_gain, rms_norm_backward_reference
+from mxrewrite.ops.norm_backward import rms_norm_backward
+from mxrewrite.ops.reference import effective_gain
 
 GRAD_CASTS = ("mx", "hp")
-
-
-@torch.library.custom_op("mxrewrite::rms_norm_backward", mutates_args=())
-def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-    """``dx = rho * g - (1/D) * rho**3 * x * <g, x>`` per row (see ``reference.rms_norm_backward_reference``)."""
-    if kernels.use_triton(x):
-        return kernels.rms_norm_backward_triton(grad, x, rho)
-    return rms_norm_backward_reference(grad, x, rho)
-
-
-@rms_norm_backward.register_fake
-def _(grad, x, rho):
-    return torch.empty_like(x)
 
 
 def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
