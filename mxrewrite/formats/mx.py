@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from mxrewrite.errors import LayoutError, UnsupportedDtypeError
+from mxrewrite.errors import BlockShapeError, LayoutError, UnsupportedDtypeError
 from mxrewrite.formats.constants import MX_ELEMENTS, MXFP8_BLOCK_SIZE
 from mxrewrite.formats.e8m0 import check_scale_mode, e8m0_encode_multiplier, e8m0_exponent, e8m0_to_float32
 from mxrewrite.formats.spec import check_cast_input
@@ -69,6 +69,13 @@ def mx_dequantize(
         raise LayoutError(
             "MX data and scales must be contiguous (blocks run along the last dim); "
             "a transposed MX tensor has its blocks along the wrong dim - dequantize before transposing"
+        )
+    whole_blocks = data.dim() > 0 and data.shape[-1] % block_size == 0
+    if not whole_blocks or scales.shape != (*data.shape[:-1], data.shape[-1] // block_size):
+        # without this check, scales of a broadcastable shape would silently decode the wrong blocks
+        raise BlockShapeError(
+            f"MX scales of shape {tuple(scales.shape)} do not match data of shape {tuple(data.shape)} "
+            f"with block size {block_size} (expected one scale per {block_size} elements along the last dim)"
         )
     blocks = data.to(out_dtype).reshape(*data.shape[:-1], data.shape[-1] // block_size, block_size)
     scale = e8m0_to_float32(scales).to(out_dtype).unsqueeze(-1)

@@ -11,7 +11,10 @@ so a block far below the tensor's range flushes towards zero; NaN in a block
 makes its scale NaN and its codes arbitrary (e2m1 has no NaN, as in torchao). The
 default per-tensor scale is ``amax(x) / (6 * 448)`` (torchao's
 ``per_tensor_amax_to_scale``), except that an all-zero tensor gets 1.0 instead of
-0 so that it encodes to zeros rather than NaN.
+0 so that it encodes to zeros rather than NaN, and that the scale is never below
+2**-120 (:data:`MIN_TENSOR_SCALE`): below that, ``1 / (t * s)`` overflows to inf
+for small block scales and the zeros of a tiny tensor would encode as NaN codes
+(torchao's rule does that for ``amax`` below about 2e-33).
 """
 
 from __future__ import annotations
@@ -19,17 +22,29 @@ from __future__ import annotations
 import torch
 
 from mxrewrite.errors import BlockShapeError, LayoutError
-from mxrewrite.formats.constants import F4E2M1_MAX, F8E4M3_MAX, F8E4M3_MIN_NORMAL, NVFP4_BLOCK_SIZE
+from mxrewrite.formats.constants import (
+    F4E2M1_MAX,
+    F8E4M3_MAX,
+    F8E4M3_MIN_NORMAL,
+    F32_MIN_NORMAL,
+    NVFP4_BLOCK_SIZE,
+)
 from mxrewrite.formats.e2m1 import e2m1_decode, e2m1_encode, pack_nibbles, unpack_nibbles
 from mxrewrite.formats.spec import check_cast_input
 
 NVFP4_SCALE_RANGE = F8E4M3_MAX * F4E2M1_MAX  # 2688: largest value one (block, tensor) scale pair reaches
+# Smallest per-tensor scale t for which t * s stays a normal float32 and (1 / t) / s stays finite
+# for every block scale s >= 2**-6 (the e4m3 clamp): 2**-126 / 2**-6.
+MIN_TENSOR_SCALE = F32_MIN_NORMAL / F8E4M3_MIN_NORMAL
 
 
 def tensor_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
-    """float32 per-tensor scale that maps ``amax`` onto the largest block scale (448) times 6."""
+    """float32 per-tensor scale that maps ``amax`` onto the largest block scale (448) times 6.
+
+    1.0 for an all-zero tensor, and at least :data:`MIN_TENSOR_SCALE` otherwise.
+    """
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    return torch.where(amax == 0, 1.0, amax / NVFP4_SCALE_RANGE)
+    return torch.where(amax == 0, 1.0, torch.clamp(amax / NVFP4_SCALE_RANGE, min=MIN_TENSOR_SCALE))
 
 
 def nvfp4_quantize(
@@ -70,10 +85,11 @@ def nvfp4_dequantize(
             "last dim, so a transposed packed tensor cannot be decoded - dequantize before transposing"
         )
     hidden = packed.shape[-1] * 2
-    if scales.shape[-1] * NVFP4_BLOCK_SIZE != hidden:
+    # the full shape: scales of a broadcastable shape would otherwise silently decode the wrong blocks
+    if hidden % NVFP4_BLOCK_SIZE or scales.shape != (*packed.shape[:-1], hidden // NVFP4_BLOCK_SIZE):
         raise BlockShapeError(
             f"NVFP4 scales of shape {tuple(scales.shape)} do not match packed data of shape "
-            f"{tuple(packed.shape)} (expected {hidden // NVFP4_BLOCK_SIZE} scales per row)"
+            f"{tuple(packed.shape)} (expected shape {(*packed.shape[:-1], hidden // NVFP4_BLOCK_SIZE)})"
         )
     values = e2m1_decode(unpack_nibbles(packed))
     blocks = values.reshape(*values.shape[:-1], hidden // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE)

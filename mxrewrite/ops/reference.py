@@ -13,8 +13,10 @@ the block maxima of ``xhat`` are ``m_k * rho`` exactly: the MXNorm cast needs no
 second reduction, and the result is bit-identical to casting ``xhat``.
 
 Rounding is pinned so kernels can match it: the MXNorm power mean is summed in
-float64 (every ``m_k**p`` is exact there, so the order of summation cannot
-change the float32 result), ``c * M + eps`` is rounded to float32 once, and
+float64 (every ``m_k**p`` is exact there and the sum's rounding error is ~1e-16,
+so a different summation order changes the float32 result only when it lands
+within that distance of a float32 rounding boundary), ``c * M + eps`` is
+rounded to float32 once, and
 ``rho = 1 / r`` is an IEEE float32 division. The exact RMSNorm sums ``x**2`` in
 float32 (as ``torch.rms_norm`` does), so a kernel's ``rho`` may differ from this
 one in the last bit.
@@ -27,7 +29,7 @@ import torch
 from mxrewrite.errors import ConfigError
 from mxrewrite.formats import get_format, mx_quantize, nvfp4_quantize
 from mxrewrite.formats.mx import block_amax
-from mxrewrite.formats.nvfp4 import NVFP4_SCALE_RANGE
+from mxrewrite.formats.nvfp4 import MIN_TENSOR_SCALE, NVFP4_SCALE_RANGE
 from mxrewrite.ops.mxnorm_constants import POWERS, mxnorm_output_bound, rmsnorm_output_bound
 
 NORMS = ("mxnorm", "rmsnorm")
@@ -78,8 +80,8 @@ def activation_tensor_scale(
     """The static per-tensor scale of a normalised activation (NVFP4), from the norm's output bound.
 
     MXNorm and RMSNorm bound ``|xhat|`` (``K**(1/p) / c`` and ``sqrt(D)``), so
-    the scale is fixed without a tensor-wide reduction: ``bound * max|gain| / (6 * 448)``.
-    MXFP8 has no per-tensor scale: 1.0.
+    the scale is fixed without a tensor-wide reduction: ``bound * max|gain| / (6 * 448)``,
+    at least ``MIN_TENSOR_SCALE`` (2**-120). MXFP8 has no per-tensor scale: 1.0.
     """
     spec = get_format(fmt)
     if not spec.tensor_scale:
@@ -91,6 +93,8 @@ def activation_tensor_scale(
     scale = torch.tensor(bound / NVFP4_SCALE_RANGE, dtype=torch.float32, device=device)
     if gamma is not None:
         scale = scale * effective_gain(gamma, gamma_offset).abs().amax().to(scale.device)
+        # an all-zero gain would give 0 and the cast 0 * (1 / 0) = NaN
+        scale = torch.clamp(scale, min=MIN_TENSOR_SCALE)
     return scale
 
 
