@@ -1,0 +1,5 @@
+import sys
+
+from mxrewrite.cli import main
+
+sys.exit(main())

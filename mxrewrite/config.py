@@ -1,0 +1,76 @@
+"""``RewriteConfig``: what ``optimize`` rewrites RMSNorm -> Linear sites into."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from mxrewrite.errors import ConfigError
+from mxrewrite.formats import FORMATS, get_format
+from mxrewrite.formats.e8m0 import SCALE_MODES
+from mxrewrite.ops.mx_linear import GRAD_CASTS
+from mxrewrite.ops.mxnorm_constants import POWERS, gaussian_correction
+from mxrewrite.ops.reference import NORMS
+
+RESCALES = ("gaussian", "calibrated", "none")
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    """How each site is rewritten.
+
+    Attributes:
+        format: ``"mxfp8"`` (e4m3 elements, blocks of 32, E8M0 scales) or ``"nvfp4"``
+            (e2m1 elements, blocks of 16, e4m3 scales and a per-tensor scale).
+        norm: ``"mxnorm"`` estimates the RMS from the cast's block maxima;
+            ``"rmsnorm"`` keeps the exact norm, fused with the same cast (the baseline).
+        p: MXNorm power mean, 1 or 2 (2 is the paper's stable default).
+        scale_mode: E8M0 rounding of MXFP8 block scales, ``"rceil"`` or ``"floor"``.
+        rescale: MXNorm's correction constant: ``"gaussian"`` uses c'(p, B);
+            ``"calibrated"`` measures RMS / estimate per site on calibration
+            inputs; ``"none"`` uses the bare estimate (output scale c' instead of 1).
+        include_head: also rewrite a norm whose only consumer is the model's
+            output head (the paper keeps the head in high precision).
+        grad_cast: ``"mx"`` casts the backward GEMMs' operands to MXFP8 (e5m2
+            gradients) as MXFP8 training does; ``"hp"`` keeps them in high precision.
+    """
+
+    format: str = "mxfp8"
+    norm: str = "mxnorm"
+    p: int = 2
+    scale_mode: str = "rceil"
+    rescale: str = "gaussian"
+    include_head: bool = False
+    grad_cast: str = "mx"
+
+    def __post_init__(self) -> None:
+        _check_choice("format", self.format, tuple(FORMATS))
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("p", self.p, POWERS)
+        _check_choice("scale_mode", self.scale_mode, SCALE_MODES)
+        _check_choice("rescale", self.rescale, RESCALES)
+        _check_choice("grad_cast", self.grad_cast, GRAD_CASTS)
+        if not isinstance(self.include_head, bool):
+            raise ConfigError(f"include_head must be True or False, got {self.include_head!r}")
+
+    @property
+    def block_size(self) -> int:
+        return get_format(self.format).block_size
+
+    def default_correction(self) -> float:
+        """The rescale constant before calibration: c'(p, B), or 1.0 for the bare estimate / exact norm."""
+        if self.norm == "rmsnorm" or self.rescale == "none":
+            return 1.0
+        return gaussian_correction(self.p, self.block_size)
+
+    def replace(self, **overrides) -> "RewriteConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown RewriteConfig option(s) {sorted(unknown)}; valid options: "
+                              f"{[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **overrides)
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"RewriteConfig.{name}={value!r} is not supported; use one of {choices}")

@@ -1,0 +1,125 @@
+"""The public API: optimize / get_report on small models (zoo models are in test_models.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mxrewrite.api import MXOptimized, get_report, optimize
+from mxrewrite.config import RewriteConfig
+from mxrewrite.errors import ConfigError, MXRewriteError
+from tests.passes.test_plan import D, FanOut, Head
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture
+def head_model():
+    torch.manual_seed(0)
+    return Head(), torch.randint(0, 50, (2, 7))
+
+
+def test_parameters_are_shared_under_the_same_names(head_model):
+    model, ids = head_model
+    opt = optimize(model, (ids,))
+    assert isinstance(opt, MXOptimized)
+    ours, theirs = dict(opt.named_parameters()), dict(model.named_parameters())
+    assert list(ours) == list(theirs) and all(ours[n] is theirs[n] for n in ours)
+    assert list(opt.state_dict()) == list(model.state_dict())
+    # a state_dict loads both ways, and the rewritten graph sees the loaded values
+    donor = Head()
+    opt.load_state_dict(donor.state_dict())
+    torch.testing.assert_close(model.up.weight, donor.up.weight)
+    model.load_state_dict(opt.state_dict())
+    assert rel_err(opt(ids), donor(ids)) < 0.1
+
+
+def test_original_model_is_not_modified(head_model):
+    model, ids = head_model
+    before = copy.deepcopy(model.state_dict())
+    expected = model(ids)
+    optimize(model, (ids,), format="nvfp4")
+    torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def test_lazy_capture_on_first_call(head_model):
+    model, ids = head_model
+    opt = optimize(model)
+    with pytest.raises(MXRewriteError, match="call it once"):
+        get_report(opt)
+    out = opt(ids)
+    assert rel_err(out, model(ids)) < 0.1
+    assert len(get_report(opt).rewritten) == 1
+
+
+def test_optimizing_twice_changes_nothing(head_model):
+    model, ids = head_model
+    opt = optimize(model, (ids,))
+    assert optimize(opt, (ids,)) is opt
+
+
+def test_config_overrides_and_errors(head_model):
+    model, ids = head_model
+    opt = optimize(model, (ids,), config=RewriteConfig(format="nvfp4"), p=1)
+    assert opt.mx_config == RewriteConfig(format="nvfp4", p=1)
+    with pytest.raises(ConfigError, match="format='fp8'"):
+        optimize(model, (ids,), format="fp8")
+    with pytest.raises(ConfigError, match="unknown RewriteConfig option"):
+        optimize(model, (ids,), formats="nvfp4")
+    with pytest.raises(ConfigError, match="nn.Module"):
+        optimize(lambda x: x, (ids,))
+    with pytest.raises(ConfigError, match="example inputs"):
+        optimize(model, 3)
+
+
+def test_keyword_inputs_and_dynamic_token_counts(head_model):
+    model, ids = head_model
+    opt = optimize(model, {"ids": ids})
+    other = torch.randint(0, 50, (5, 11))
+    assert rel_err(opt(ids=other), model(ids=other)) < 0.1
+
+
+def test_training_step_updates_every_parameter():
+    torch.manual_seed(0)
+    model = FanOut()
+    x = torch.randn(4, 6, D)
+    opt = optimize(model, (x,), include_head=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sgd = torch.optim.SGD(opt.parameters(), lr=0.1)
+    opt(x).pow(2).mean().backward()
+    sgd.step()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+
+
+def test_calibrated_rescale_measures_each_site(head_model):
+    model, ids = head_model
+    calib = [(torch.randint(0, 50, (4, 16)),) for _ in range(2)]
+    opt = optimize(model, (ids,), rescale="calibrated", include_head=True, calibration_data=calib)
+    rescales = {s.norm: s.rescale for s in get_report(opt).rewritten}
+    assert set(rescales) == {"block_norm", "final_norm"}
+    # embedding rows are Gaussian: the measured constant lands near c'(2, 32) = 0.4185, but not on it
+    for value in rescales.values():
+        assert 0.35 < value < 0.5 and value != pytest.approx(0.418492, abs=1e-6)
+
+
+def test_compiled_fullgraph_matches_eager(head_model):
+    model, ids = head_model
+    opt = optimize(model, (ids,))
+    compiled = torch.compile(opt, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ids), opt(ids))
+    compiled(ids).sum().backward()
+    assert model.up.weight.grad is not None
+
+
+def test_compile_before_capture_is_a_clear_error(head_model):
+    model, ids = head_model
+    compiled = torch.compile(optimize(model), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="before mxrewrite captured it"):
+        compiled(ids)
