@@ -1,6 +1,30 @@
-"""mxrewrite: rewrite RMSNorm -> Linear into fused MXFP8/NVFP4 casts with MXNorm."""
+"""mxrewrite: rewrite RMSNorm -> Linear into fused MXFP8/NVFP4 casts with MXNorm.
 
-from mxrewrite import errors, formats
+    import mxrewrite
+    opt = mxrewrite.optimize(model, example_inputs)        # or config=RewriteConfig(...), format="nvfp4", ...
+    print(mxrewrite.get_report(opt))
+    print(mxrewrite.verify(model, opt, example_inputs))
+    compiled = torch.compile(opt, fullgraph=True)
+"""
 
-__all__ = ["errors", "formats"]
+from mxrewrite import errors, formats, ops
+from mxrewrite.api import MXOptimized, get_report, optimize
+from mxrewrite.config import RewriteConfig
+from mxrewrite.report import Report, Site
+from mxrewrite.verify import Thresholds, VerifyResult, verify
+
+__all__ = [
+    "MXOptimized",
+    "Report",
+    "RewriteConfig",
+    "Site",
+    "Thresholds",
+    "VerifyResult",
+    "errors",
+    "formats",
+    "get_report",
+    "ops",
+    "optimize",
+    "verify",
+]
 __version__ = "0.1.0"

@@ -207,7 +207,7 @@ def _consumers(start: fx.Node) -> list[tuple[_Path, fx.Node, fx.Node]]:
 
 
 def _parameter_names(gm: fx.GraphModule) -> set[str]:
-    return {name for name, _ in gm.named_parameters()}
+    return {name for name, _ in gm.named_parameters(remove_duplicate=False)}  # tied weights under every name
 
 
 def _resolve_weight(node, params: set[str]) -> tuple[fx.Node, bool, float, bool] | None:
@@ -327,13 +327,13 @@ def plan_site(match: NormMatch, gm: fx.GraphModule, config: RewriteConfig, param
     dtype = _dtype(match.input)
     if dtype not in SUPPORTED_INPUT_DTYPES:
         return _skip(match, f"unsupported dtype {dtype} (supported: {', '.join(map(str, SUPPORTED_INPUT_DTYPES))})")
-    if match.hidden_size % spec.block_size:
-        return _skip(match, f"hidden size {match.hidden_size} is not divisible by the {spec.name} block size "
-                            f"{spec.block_size}")
     consumers = [_classify(path, src, user, match.hidden_size, params, heads, config)
                  for path, src, user in _consumers(match.output)]
     linears = tuple(c for c in consumers if isinstance(c, LinearConsumer))
     kept = tuple(c for c in consumers if isinstance(c, KeptConsumer))
+    if linears and match.hidden_size % spec.block_size:
+        return _skip(match, f"hidden size {match.hidden_size} is not divisible by the {spec.name} block size "
+                            f"{spec.block_size}", kept)
     if not linears:
         if not kept:
             return _skip(match, "output is unused")
