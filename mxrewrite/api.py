@@ -107,6 +107,13 @@ class MXOptimized(nn.Module):
         log.info("mxrewrite: %d site(s) rewritten, %d skipped", len(self.mx_report.rewritten),
                  len(self.mx_report.skipped))
 
+    def train(self, mode: bool = True) -> "MXOptimized":
+        """Switch mode; a captured graph whose computation depends on the mode (dropout, batch norm)
+        refuses to switch, with an error saying to capture again in the other mode."""
+        if self._mx_graph is not None:
+            self._mx_graph.train(mode)
+        return super().train(mode)
+
     def forward(self, *args, **kwargs):
         if self._mx_graph is None:
             if torch.compiler.is_compiling():

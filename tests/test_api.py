@@ -123,3 +123,17 @@ def test_compile_before_capture_is_a_clear_error(head_model):
     compiled = torch.compile(optimize(model), fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="before mxrewrite captured it"):
         compiled(ids)
+
+
+def test_mode_switch_of_a_mode_dependent_graph_is_refused():
+    from mxrewrite.errors import CaptureError
+    from tests import zoo
+
+    z = zoo.build("nanogpt", dropout=0.1)
+    opt = optimize(z.model.train(), z.args)
+    opt.train()  # same mode: fine
+    with pytest.raises(CaptureError, match="captured in train mode"):
+        opt.eval()
+    eval_opt = optimize(z.model.eval(), z.args)
+    eval_opt.eval()
+    assert not eval_opt.training

@@ -7,7 +7,8 @@ variable ``MXREWRITE_MATMUL=emulated|triton|scaled_mm``):
   operands with swizzled scales, the hardware's native block-scaled GEMM.
 * ``triton`` - other CUDA GPUs (Hopper has no MX units): a Triton GEMM that
   dequantises the MX tiles in its prologue, so no dequantised copy of either
-  operand is written to memory (:mod:`mxrewrite.ops.kernels.mx_gemm`).
+  operand is written to memory (:mod:`mxrewrite.ops.kernels.mx_gemm`). Needs
+  Triton and an NVIDIA GPU (the kernel uses PTX); ROCm builds stay emulated.
 * ``emulated`` - everywhere else: exact dequantisation, then a high-precision
   GEMM. On CPU operands are float32; on CUDA bfloat16, which holds every
   MXFP8 value and every e2m1 * e4m3 NVFP4 product exactly (the NVFP4 per-tensor
@@ -80,7 +81,7 @@ def default_backend(device: torch.device) -> str:
         if forced not in BACKENDS:
             raise ConfigError(f"MXREWRITE_MATMUL={forced!r} is not a backend; use one of {BACKENDS}")
         return forced
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.version.hip is not None:
         return "emulated"
     if torch.cuda.get_device_capability(device)[0] >= 10:
         return "scaled_mm"

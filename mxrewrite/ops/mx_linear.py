@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mxrewrite.errors import ConfigError
 from mxrewrite.formats import get_format
 from mxrewrite.formats.constants import MXFP8_BLOCK_SIZE
-from mxrewrite.ops.matmul import BlockScaledMatrix, block_scaled_mm, dequantize_matrix, quantize_matrix
+from mxrewrite.ops.matmul import BlockScaledMatrix, block_scaled_mm, quantize_matrix
 from mxrewrite.ops.norm_backward import rms_norm_backward
 from mxrewrite.ops.reference import effective_gain
 
@@ -97,7 +97,7 @@ def _grad_matmul(grad: torch.Tensor, other: torch.Tensor, grad_cast: str, scale_
     other_t = _pad_rows(other, MXFP8_BLOCK_SIZE).t().contiguous()
     a = quantize_matrix(grad_t, "mxfp8", scale_mode=scale_mode, elem_dtype=torch.float8_e5m2)
     b = quantize_matrix(other_t, "mxfp8", scale_mode=scale_mode)
-    return (dequantize_matrix(a, dtype) @ dequantize_matrix(b, dtype).t()).float()
+    return block_scaled_mm(a, b)
 
 
 def _setup_context(ctx, inputs, output):
