@@ -4,6 +4,7 @@
 gradient with respect to ``x * rho``: RMSNorm's exact gradient evaluated with
 the ``rho`` the forward used (MXNORM.md, "Backward"). Only ``x`` and ``rho`` are
 saved, as for RMSNorm. On CUDA a fused Triton kernel; elsewhere the reference.
+A ``torch.library.triton_op``, so torch.compile sees the kernel (see ``norm_cast``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from mxrewrite.ops import kernels
 from mxrewrite.ops.reference import rms_norm_backward_reference
 
 
-@torch.library.custom_op("mxrewrite::rms_norm_backward", mutates_args=())
+@torch.library.triton_op("mxrewrite::rms_norm_backward", mutates_args=())
 def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     """``dx`` in ``x.dtype``; ``grad`` has ``x``'s shape, ``rho`` has ``x.shape[:-1]``."""
     if kernels.use_triton(x):

@@ -8,6 +8,10 @@ The outputs are not differentiable: gradients reach ``x`` through
 ``mxrewrite::mx_linear``, which receives ``x`` and ``rho`` as well and applies the
 straight-through norm gradient. On CUDA the op runs the fused Triton kernel; on
 CPU (or without Triton) the PyTorch reference.
+
+It is a ``torch.library.triton_op``: torch.compile traces its body, so Inductor
+sees the Triton kernel itself (launched through ``wrap_triton``) in the graph it
+compiles, with no graph break; on CPU the body is the reference's torch ops.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def check_norm_cast_args(x: torch.Tensor, gamma: torch.Tensor | None, fmt: str, 
                              f"{x.shape[-1]}; pass the norm's weight of shape ({x.shape[-1]},)")
 
 
-@torch.library.custom_op("mxrewrite::norm_cast", mutates_args=())
+@torch.library.triton_op("mxrewrite::norm_cast", mutates_args=())
 def norm_cast(
     x: torch.Tensor,
     gamma: torch.Tensor | None,

@@ -90,7 +90,8 @@ def activation_tensor_scale(
         bound = mxnorm_output_bound(p, hidden // spec.block_size, correction)
     else:
         bound = rmsnorm_output_bound(hidden)
-    scale = torch.tensor(bound / NVFP4_SCALE_RANGE, dtype=torch.float32, device=device)
+    # torch.full, not torch.tensor: a fill on the device, no host-to-device copy (CUDA-graph safe)
+    scale = torch.full((), bound / NVFP4_SCALE_RANGE, dtype=torch.float32, device=device)
     if gamma is not None:
         scale = scale * effective_gain(gamma, gamma_offset).abs().amax().to(scale.device)
         # an all-zero gain would give 0 and the cast 0 * (1 / 0) = NaN

@@ -2,12 +2,15 @@
 
 Tests also run these kernels on CPU tensors through Triton's interpreter
 (``TRITON_INTERPRET=1``) by calling them directly; the ops themselves only
-dispatch CUDA tensors here.
+dispatch CUDA tensors here. ``MXREWRITE_KERNELS=reference`` makes the ops run
+the PyTorch reference on CUDA too (under torch.compile, Inductor then fuses
+those ops itself: the unfused baseline of ``benchmarks/bench_layer.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -28,7 +31,7 @@ def available() -> bool:
 
 def use_triton(x: torch.Tensor) -> bool:
     """Whether the ops run their Triton kernel for this input."""
-    return x.is_cuda and available()
+    return x.is_cuda and available() and os.environ.get("MXREWRITE_KERNELS", "triton") != "reference"
 
 
 def norm_cast_triton(x, gamma, **kwargs):

@@ -1,0 +1,162 @@
+"""Triton device functions for the number formats: E8M0 scale exponents, e4m3 and e2m1 encodes.
+
+Each one computes exactly what the PyTorch reference in :mod:`mxrewrite.formats`
+computes (integer arithmetic on float32 bit patterns, IEEE divisions), so a
+kernel built from them reproduces the reference bit for bit; the tests compare
+them over millions of values.
+
+float32 -> float8_e4m3fn has two implementations behind a constexpr switch:
+the hardware conversion (``cvt.rn.satfinite.e4m3x2.f32`` on sm_89+) for GPU
+kernels, and a software encoder (c10's ``fp8e4m3fn_from_fp32_value``, round to
+nearest even) for Triton's interpreter, whose float8 casts neither round to
+nearest even nor saturate.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# float32 layout
+_MANTISSA_MASK = tl.constexpr(0x7FFFFF)
+_ABS_MASK = tl.constexpr(0x7FFFFFFF)
+
+# E8M0 (mxrewrite.formats.e8m0)
+_E8M0_MAX_FINITE = tl.constexpr(254)
+_E8M0_NAN = tl.constexpr(255)
+
+# float8_e4m3fn (c10/util/Float8_e4m3fn.h)
+_F8E4M3_MAX = tl.constexpr(448.0)
+_F8E4M3_NAN_CODE = tl.constexpr(0x7F)
+_F8E4M3_OVERFLOW_BITS = tl.constexpr(1087 << 20)  # float32 bits of 480: NaN or beyond the range
+_F8E4M3_MIN_NORMAL_BITS = tl.constexpr(121 << 23)  # float32 bits of 2**-6
+_F8E4M3_DENORM_MAGIC = tl.constexpr(16384.0)  # 2**14: its float32 ulp is e4m3's subnormal step 2**-9
+_F8E4M3_DENORM_MAGIC_BITS = tl.constexpr(141 << 23)
+_F8E4M3_REBIAS = tl.constexpr(((7 - 127) << 23) + 0x7FFFF)  # new bias, plus half an ulp minus one
+
+# float4_e2m1 (mxrewrite.formats.e2m1)
+_F4E2M1_MAX = tl.constexpr(6.0)
+_E2M1_SIGN = tl.constexpr(8)
+_E2M1_MAGIC_BITS = tl.constexpr(149 << 23)  # float32 bits of 2**22: its ulp is e2m1's step 0.5
+
+
+@triton.jit
+def to_float32(x, INTERPRET: tl.constexpr):
+    """Exact upcast to float32; bfloat16 by its bits under the interpreter, whose cast mangles subnormals."""
+    if INTERPRET and x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def abs_max_blocks(x, axis: tl.constexpr):
+    """``max |x|`` along ``axis`` as float32, NaN if any element is NaN (like ``torch.amax``).
+
+    Works on the bit patterns: for non-negative floats the integer order is the
+    float order, and every NaN sorts above +inf.
+    """
+    abs_bits = x.to(tl.int32, bitcast=True) & _ABS_MASK
+    return tl.max(abs_bits, axis=axis).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def abs_max_bits_2d(x):
+    """Bits of ``max |x|`` over a whole 2-D tensor, as an int32 (NaN-propagating, see ``abs_max_blocks``)."""
+    abs_bits = x.to(tl.int32, bitcast=True) & _ABS_MASK
+    return tl.max(tl.max(abs_bits, axis=1), axis=0)
+
+
+@triton.jit
+def clamp_keep_nan(x, lo: tl.constexpr, hi: tl.constexpr):
+    """``torch.clamp(x, lo, hi)``: NaN stays NaN."""
+    x = tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def e8m0_rceil_exponent(amax):
+    """Biased E8M0 exponent ``ceil(log2(amax / 448))`` from the bits (``e8m0_exponent``, rceil, e4m3)."""
+    descale = tl.div_rn(amax, _F8E4M3_MAX)
+    bits = descale.to(tl.int32, bitcast=True)
+    exp_field = (bits >> 23) & 0xFF
+    mantissa = bits & _MANTISSA_MASK
+    normal = tl.minimum(exp_field + (mantissa != 0).to(tl.int32), _E8M0_MAX_FINITE)
+    subnormal = (mantissa > (1 << 22)).to(tl.int32)
+    biased = tl.where(exp_field == 0, subnormal, normal)
+    biased = tl.where(descale == float("inf"), _E8M0_MAX_FINITE, biased)
+    return tl.where(amax != amax, _E8M0_NAN, biased)
+
+
+@triton.jit
+def e8m0_rceil_multiplier(biased):
+    """``e8m0_encode_multiplier(b, "rceil")``: ``2**(127 - b)``, 1.0 for byte 0, NaN for 0xFF."""
+    bits = tl.where(biased == _E8M0_MAX_FINITE, 1 << 22, (_E8M0_MAX_FINITE - biased) << 23)
+    factor = tl.where(biased == 0, 1.0, bits.to(tl.float32, bitcast=True))
+    return tl.where(biased == _E8M0_NAN, float("nan"), factor)
+
+
+@triton.jit
+def e8m0_floor_exponent(amax):
+    """Biased E8M0 exponent ``floor(log2(amax)) - 8`` (OCP rule for e4m3), clamped at 0; NaN -> 0xFF."""
+    exp_field = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    biased = tl.maximum(exp_field - 8, 0)
+    return tl.where(amax != amax, _E8M0_NAN, biased)
+
+
+@triton.jit
+def e8m0_floor_multiplier(biased):
+    """``e8m0_encode_multiplier(b, "floor")``: ``1 / max(2**(b - 127), 2**-126)`` (0 for 0xFF)."""
+    scale = tl.maximum((biased << 23).to(tl.float32, bitcast=True), 1.1754943508222875e-38)
+    return tl.div_rn(1.0, scale)
+
+
+@triton.jit
+def e4m3_encode_software(y):
+    """float32 (already clamped to +-448) -> e4m3 code in an int32, round to nearest even; NaN -> 0x7F | sign."""
+    bits = y.to(tl.int32, bitcast=True)
+    mag_bits = bits & _ABS_MASK
+    mag = mag_bits.to(tl.float32, bitcast=True)
+    # |y| < 2**-6: the float32 adder rounds |y| + 2**14 onto e4m3's subnormal grid
+    denormal = (mag + _F8E4M3_DENORM_MAGIC).to(tl.int32, bitcast=True) - _F8E4M3_DENORM_MAGIC_BITS
+    mantissa_odd = (mag_bits >> 20) & 1
+    normal = (mag_bits + _F8E4M3_REBIAS + mantissa_odd) >> 20
+    code = tl.where(mag_bits < _F8E4M3_MIN_NORMAL_BITS, denormal, normal)
+    code = tl.where(mag_bits >= _F8E4M3_OVERFLOW_BITS, _F8E4M3_NAN_CODE, code)
+    return code | tl.where(bits < 0, 0x80, 0)
+
+
+@triton.jit
+def e4m3_encode(y, HARDWARE: tl.constexpr):
+    """Saturating float32 -> float8_e4m3fn bytes (uint8): ``clamp(y, -448, 448).to(float8_e4m3fn)``."""
+    if HARDWARE:
+        # cvt.rn.satfinite saturates by itself and keeps NaN
+        return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        return e4m3_encode_software(clamp_keep_nan(y, -_F8E4M3_MAX, _F8E4M3_MAX)).to(tl.uint8)
+
+
+@triton.jit
+def e4m3_decode_normal(code):
+    """e4m3 code (int32) of a positive normal value or NaN -> float32 (NVFP4 block scales are >= 2**-6)."""
+    value = (((code >> 3) + 120) << 23 | (code & 7) << 20).to(tl.float32, bitcast=True)
+    return tl.where(code == _F8E4M3_NAN_CODE, float("nan"), value)
+
+
+@triton.jit
+def e2m1_encode_fast(y):
+    """float32 -> e2m1 code (int32): the code ``mxrewrite.formats.e2m1.e2m1_encode(clamp(y, -6, 6))`` gives
+    every non-NaN ``y`` (NaN gets an arbitrary code, as in the reference), in about half the
+    instructions of a port of its integer tricks.
+
+    ``|y|`` is rounded onto e2m1's grid by the float32 adder: adding ``2**22`` (``2**23``, ``2**24``)
+    leaves a float32 whose last bits count multiples of 0.5 below 2 (of 1 below 4, of 2 above), with
+    ties to even, which is e2m1's round to nearest even. The code is that count plus 0, 2 or 4.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    mag = tl.minimum((bits & _ABS_MASK).to(tl.float32, bitcast=True), _F4E2M1_MAX)
+    magic = tl.where(mag < 2.0, 4194304.0, tl.where(mag < 4.0, 8388608.0, 16777216.0))
+    magic_bits = magic.to(tl.int32, bitcast=True)
+    steps = (mag + magic).to(tl.int32, bitcast=True) - magic_bits
+    code = steps + ((magic_bits - _E2M1_MAGIC_BITS) >> 22)
+    return code | ((bits >> 28) & _E2M1_SIGN)

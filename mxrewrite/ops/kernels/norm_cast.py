@@ -1,0 +1,478 @@
+"""Fused norm + MXFP8/NVFP4 cast in one Triton kernel: one read of ``x`` from memory, one write of the cast.
+
+Each program owns ``ROWS`` whole rows, reduces them to the row's ``rho``
+(MXNorm from the block maxima, or the exact RMSNorm from the sum of squares)
+and casts ``x * rho`` (times the gain) block by block. Two variants
+(:func:`launch_config` picks one, as measured on the H100):
+
+* rows in registers (``CHUNK == 0``): the rows are loaded once and stay in
+  registers between the reduction and the cast. A row whose length is not a
+  power of two is loaded as up to three power-of-two runs of blocks
+  (5120 = 4096 + 1024), so no lanes idle on padding.
+* two loops (``CHUNK > 0``): the first loop reduces chunks of the rows, the
+  second re-reads them (from L2, where the first loop just left them) and casts:
+  few registers, many rows in flight, no padding (chunks divide the row).
+
+The arithmetic is that of :func:`mxrewrite.ops.reference.norm_cast_reference`,
+step for step, so data and scales are bit-identical:
+
+* MXNorm: ``sum_k m_k**p`` in float64 (every term is exact there),
+  ``r = float32(c * M + eps)`` with the product rounded on its own (no fused
+  multiply-add), ``rho = 1 / r`` as an IEEE division.
+* RMSNorm: float32 sum of squares (the summation order differs from torch's, so
+  ``rho`` may differ in the last bits), IEEE divide and square root.
+* the casts: :mod:`mxrewrite.ops.kernels.codecs`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mxrewrite.formats import get_format
+from mxrewrite.formats.nvfp4 import MIN_TENSOR_SCALE as _MIN_TENSOR_SCALE
+from mxrewrite.formats.nvfp4 import NVFP4_SCALE_RANGE
+from mxrewrite.ops.kernels.codecs import (
+    abs_max_bits_2d,
+    abs_max_blocks,
+    clamp_keep_nan,
+    e2m1_encode_fast,
+    e4m3_decode_normal,
+    e4m3_encode,
+    e8m0_floor_exponent,
+    e8m0_floor_multiplier,
+    e8m0_rceil_exponent,
+    e8m0_rceil_multiplier,
+    to_float32,
+)
+from mxrewrite.ops.kernels.launch import is_interpreted, launch
+from mxrewrite.ops.mxnorm_constants import mxnorm_output_bound, rmsnorm_output_bound
+from mxrewrite.ops.reference import check_norm_args, effective_gain
+
+# fmt / norm / scale mode codes passed to the kernel as constexprs
+_MXFP8, _NVFP4 = 0, 1
+_MXNORM, _RMSNORM = 0, 1
+_RCEIL, _FLOOR = 0, 1
+
+_MAX_SEGMENTS = 3
+MIN_TENSOR_SCALE = tl.constexpr(_MIN_TENSOR_SCALE)  # 2**-120, the NVFP4 per-tensor scale's floor
+# torchao's to_blocked layout: 128 x 4 tiles of scales, each stored as 32 x 16 bytes
+_SWIZZLE_ROWS, _SWIZZLE_COLS = 128, 4
+
+
+@triton.jit
+def _mul_no_fma_f64(a, b, INTERPRET: tl.constexpr):
+    """``a * b`` rounded to float64 on its own, so the compiler cannot fuse it into a following add."""
+    if INTERPRET:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f64 $0, $1, $2;", "=d,d,d", [a, b], dtype=tl.float64,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_run(x_ptr, row_offs, row_mask, START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """Blocks ``START .. START + NB`` of each row as float32 ``[ROWS, NB, BLOCK]`` (zeros where masked)."""
+    kk = tl.arange(0, NB)
+    cols = (START + kk)[None, :, None] * BLOCK + tl.arange(0, BLOCK)[None, None, :]
+    if VALID == NB:
+        mask = row_mask[:, None, None]
+    else:
+        mask = row_mask[:, None, None] & (kk < VALID)[None, :, None]
+    return to_float32(tl.load(x_ptr + row_offs[:, None, None] + cols, mask=mask, other=0.0), INTERPRET)
+
+
+@triton.jit
+def _block_stat(x, NORM: tl.constexpr, P: tl.constexpr):
+    """Per-block terms of the row statistic: ``m_k**p`` in float64 (MXNorm) or ``sum x**2`` in float32."""
+    if NORM == 0:
+        m = abs_max_blocks(x, 2).to(tl.float64)
+        if P == 2:
+            m = m * m
+        return m
+    else:
+        return tl.sum(x * x, axis=2)
+
+
+@triton.jit
+def _run_stat(x, NORM: tl.constexpr, P: tl.constexpr):
+    """Per-row partial sum: ``sum_k m_k**p`` in float64 (MXNorm) or ``sum x**2`` in float32 (RMSNorm)."""
+    return tl.sum(_block_stat(x, NORM, P), axis=1)
+
+
+@triton.jit
+def _load_gain(gamma_ptr, gamma_offset, START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr,
+               HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
+    """The gain ``gamma (+ offset)`` of one run of blocks, float32 ``[NB, BLOCK]``."""
+    kk = tl.arange(0, NB)
+    offs = (START + kk)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    if VALID == NB:
+        gain = tl.load(gamma_ptr + offs)
+    else:
+        gain = tl.load(gamma_ptr + offs, mask=(kk < VALID)[:, None], other=0.0)
+    gain = to_float32(gain, INTERPRET)
+    if HAS_OFFSET:
+        gain = gain + gamma_offset
+    return gain
+
+
+@triton.jit
+def _cast_run(x, rho, gain, tscale, rows, row_mask, data_ptr, scales_ptr,
+              START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr,
+              HIDDEN: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr,
+              SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+    """Cast ``x * rho (* gain)`` for one run of blocks and store its data and block scales."""
+    kk = tl.arange(0, NB)
+    bb = tl.arange(0, BLOCK)
+    block_mask = row_mask[:, None] & (kk < VALID)[None, :]
+    xhat = x * rho[:, None, None]
+    if HAS_GAMMA:
+        xhat = xhat * gain[None, :, :]
+    # (not max|x| * rho: that misses the NaN of 0 * rho when rho is inf)
+    amax = abs_max_blocks(xhat, 2)
+
+    col = START + kk
+    if SWIZZLE:
+        r = rows[:, None]
+        c = col[None, :]
+        tile = (r // 128) * SWIZZLE_COL_TILES + c // 4
+        within = r % 128
+        scale_offs = tile * 512 + (within % 32) * 16 + (within // 32) * 4 + c % 4
+    else:
+        scale_offs = rows[:, None].to(tl.int64) * (HIDDEN // BLOCK) + col[None, :]
+
+    if FMT == 0:
+        if SCALE_MODE == 0:
+            biased = e8m0_rceil_exponent(amax)
+            factor = e8m0_rceil_multiplier(biased)
+        else:
+            biased = e8m0_floor_exponent(amax)
+            factor = e8m0_floor_multiplier(biased)
+        codes = e4m3_encode(xhat * factor[:, :, None], HW_FP8)
+        data_offs = rows[:, None, None].to(tl.int64) * HIDDEN + col[None, :, None] * BLOCK + bb[None, None, :]
+        tl.store(data_ptr + data_offs, codes, mask=block_mask[:, :, None])
+        tl.store(scales_ptr + scale_offs, biased.to(tl.uint8), mask=block_mask)
+    else:
+        block_scale = clamp_keep_nan(tl.div_rn(tl.div_rn(amax, 6.0), tscale), 0.015625, 448.0)
+        scale_code = e4m3_encode(block_scale, HW_FP8).to(tl.int32)
+        factor = tl.div_rn(tl.div_rn(1.0, tscale), e4m3_decode_normal(scale_code))
+        codes = e2m1_encode_fast(xhat * factor[:, :, None])
+        low, high = tl.split(tl.reshape(codes, (codes.shape[0], NB, BLOCK // 2, 2)))
+        packed = ((low | (high << 4)) & 0xFF).to(tl.uint8)
+        half = tl.arange(0, BLOCK // 2)
+        data_offs = (rows[:, None, None].to(tl.int64) * (HIDDEN // 2) + col[None, :, None] * (BLOCK // 2)
+                     + half[None, None, :])
+        tl.store(data_ptr + data_offs, packed, mask=block_mask[:, :, None])
+        tl.store(scales_ptr + scale_offs, scale_code.to(tl.uint8), mask=block_mask)
+
+
+@triton.jit
+def _float64_from_halves(hi, lo):
+    """The float64 whose bit pattern is ``hi << 32 | lo`` (two int32 kernel arguments).
+
+    Python floats reach a kernel as float32, and Inductor (torch 2.11) cannot pass
+    integers beyond 32 bits to a user-defined kernel, hence the halves.
+    """
+    hi64 = tl.cast(hi, tl.int64)
+    lo64 = tl.cast(tl.cast(lo, tl.uint32, bitcast=True), tl.int64)
+    return tl.cast((hi64 << 32) | lo64, tl.float64, bitcast=True)
+
+
+@triton.jit
+def _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+         NORM: tl.constexpr, P: tl.constexpr, EPS_IN_ROOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """``rho = 1 / r`` per row from the summed statistic, rounded exactly as the reference rounds it."""
+    if NORM == 0:
+        power_mean = stat / (HIDDEN // BLOCK)  # float64 division is IEEE
+        if P == 2:
+            power_mean = tl.sqrt(power_mean)  # float64 square root is IEEE
+        correction = _float64_from_halves(correction_hi, correction_lo)
+        eps = _float64_from_halves(eps_hi, eps_lo)
+        r = (_mul_no_fma_f64(tl.broadcast_to(correction, power_mean.shape), power_mean, INTERPRET) + eps)
+        r = r.to(tl.float32)
+    else:
+        mean_sq = tl.div_rn(stat, HIDDEN * 1.0)
+        if EPS_IN_ROOT:
+            r = tl.sqrt_rn(mean_sq + eps_f32)
+        else:
+            r = tl.sqrt_rn(mean_sq) + eps_f32
+    return tl.div_rn(tl.full(r.shape, 1.0, tl.float32), r)
+
+
+@triton.jit
+def _tensor_scale(tscale_base, gain_max_bits, FMT: tl.constexpr, HAS_GAMMA: tl.constexpr):
+    """The static per-tensor scale: ``base * max|gain|`` (NVFP4, at least 2**-120), else ``base``."""
+    tscale = tscale_base
+    if HAS_GAMMA:
+        if FMT == 1:
+            # (an all-zero gain would make the scale 0 and the cast 0 * (1 / 0) = NaN)
+            gain_max = gain_max_bits.to(tl.float32, bitcast=True)
+            tscale = tl.maximum(tscale_base * gain_max, MIN_TENSOR_SCALE, propagate_nan=tl.PropagateNan.ALL)
+    return tscale
+
+
+@triton.jit
+def _norm_cast_kernel(
+    x_ptr, gamma_ptr, data_ptr, scales_ptr, rho_ptr, tscale_ptr,
+    n_rows, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, gamma_offset, tscale_base,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    N0: tl.constexpr, V0: tl.constexpr,
+    S1: tl.constexpr, N1: tl.constexpr, V1: tl.constexpr,
+    S2: tl.constexpr, N2: tl.constexpr, V2: tl.constexpr,
+    CHUNK: tl.constexpr,
+    FMT: tl.constexpr, NORM: tl.constexpr, P: tl.constexpr, EPS_IN_ROOT: tl.constexpr,
+    SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """``CHUNK == 0``: the rows stay in registers between the reduction and the cast (in up to three
+    runs N0, N1, N2 of blocks). ``CHUNK > 0``: two loops over chunks of ``CHUNK`` blocks, the second
+    re-reading the rows the first just read (from L2): fewer registers, more rows in flight."""
+    # float scalars arrive as float32 from Triton's launcher but may arrive as float64 from Inductor
+    eps_f32 = tl.cast(eps_f32, tl.float32)
+    gamma_offset = tl.cast(gamma_offset, tl.float32)
+    tscale_base = tl.cast(tscale_base, tl.float32)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    row_offs = rows.to(tl.int64) * HIDDEN
+
+    if CHUNK == 0:
+        x0 = _load_run(x_ptr, row_offs, row_mask, 0, N0, V0, BLOCK, INTERPRET)
+        stat = _run_stat(x0, NORM, P)
+        if N1 > 0:
+            x1 = _load_run(x_ptr, row_offs, row_mask, S1, N1, V1, BLOCK, INTERPRET)
+            stat += _run_stat(x1, NORM, P)
+        if N2 > 0:
+            x2 = _load_run(x_ptr, row_offs, row_mask, S2, N2, V2, BLOCK, INTERPRET)
+            stat += _run_stat(x2, NORM, P)
+        rho = _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, NORM, P, EPS_IN_ROOT,
+                   INTERPRET)
+
+        # the gain, and the static per-tensor scale (NVFP4) that its largest magnitude sets
+        g0 = 0.0
+        g1 = 0.0
+        g2 = 0.0
+        gain_max_bits = 0
+        if HAS_GAMMA:
+            g0 = _load_gain(gamma_ptr, gamma_offset, 0, N0, V0, BLOCK, HAS_OFFSET, INTERPRET)
+            gain_max_bits = abs_max_bits_2d(g0)
+            if N1 > 0:
+                g1 = _load_gain(gamma_ptr, gamma_offset, S1, N1, V1, BLOCK, HAS_OFFSET, INTERPRET)
+                gain_max_bits = tl.maximum(gain_max_bits, abs_max_bits_2d(g1))
+            if N2 > 0:
+                g2 = _load_gain(gamma_ptr, gamma_offset, S2, N2, V2, BLOCK, HAS_OFFSET, INTERPRET)
+                gain_max_bits = tl.maximum(gain_max_bits, abs_max_bits_2d(g2))
+        tscale = _tensor_scale(tscale_base, gain_max_bits, FMT, HAS_GAMMA)
+
+        _cast_run(x0, rho, g0, tscale, rows, row_mask, data_ptr, scales_ptr, 0, N0, V0, BLOCK, HIDDEN, FMT,
+                  SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
+        if N1 > 0:
+            _cast_run(x1, rho, g1, tscale, rows, row_mask, data_ptr, scales_ptr, S1, N1, V1, BLOCK, HIDDEN,
+                      FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
+        if N2 > 0:
+            _cast_run(x2, rho, g2, tscale, rows, row_mask, data_ptr, scales_ptr, S2, N2, V2, BLOCK, HIDDEN,
+                      FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
+    else:
+        NUM_CHUNKS: tl.constexpr = HIDDEN // (BLOCK * CHUNK)
+        # per-block partial sums, reduced across the row once after the loop (no barrier per chunk)
+        if NORM == 0:
+            partial = tl.zeros((ROWS, CHUNK), tl.float64)
+        else:
+            partial = tl.zeros((ROWS, CHUNK), tl.float32)
+        for c in range(NUM_CHUNKS):
+            xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, INTERPRET)
+            partial += _block_stat(xc, NORM, P)
+        stat = tl.sum(partial, axis=1)
+        rho = _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, NORM, P, EPS_IN_ROOT,
+                   INTERPRET)
+
+        gain_max_bits = 0
+        if HAS_GAMMA:
+            for c in range(NUM_CHUNKS):
+                gc = _load_gain(gamma_ptr, gamma_offset, c * CHUNK, CHUNK, CHUNK, BLOCK, HAS_OFFSET, INTERPRET)
+                gain_max_bits = tl.maximum(gain_max_bits, abs_max_bits_2d(gc))
+        tscale = _tensor_scale(tscale_base, gain_max_bits, FMT, HAS_GAMMA)
+
+        for c in range(NUM_CHUNKS):
+            xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, INTERPRET)
+            gc = 0.0
+            if HAS_GAMMA:
+                gc = _load_gain(gamma_ptr, gamma_offset, c * CHUNK, CHUNK, CHUNK, BLOCK, HAS_OFFSET, INTERPRET)
+            _cast_run(xc, rho, gc, tscale, rows, row_mask, data_ptr, scales_ptr, c * CHUNK, CHUNK, CHUNK, BLOCK,
+                      HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
+
+    tl.store(rho_ptr + rows, rho, mask=row_mask)
+    if tl.program_id(0) == 0:
+        tl.store(tscale_ptr, tscale)
+
+
+@dataclass(frozen=True)
+class BlockRun:
+    """``count`` blocks (a power of two) starting at block ``start``; the first ``valid`` are real."""
+
+    start: int
+    count: int
+    valid: int
+
+
+def block_runs(num_blocks: int, max_runs: int = _MAX_SEGMENTS) -> tuple[BlockRun, ...]:
+    """Split a row of ``num_blocks`` blocks into power-of-two runs, largest first.
+
+    The last run is padded to a power of two (and masked) when the row needs
+    more runs than ``max_runs``.
+    """
+    runs, start, left = [], 0, num_blocks
+    while left and len(runs) < max_runs - 1:
+        count = 1 << (left.bit_length() - 1)
+        runs.append(BlockRun(start, count, count))
+        start, left = start + count, left - count
+    if left:
+        runs.append(BlockRun(start, triton.next_power_of_2(left), left))
+    return tuple(runs)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Rows per program, warps, and the chunk (in blocks) of the two-loop variant (0: rows in registers)."""
+
+    rows_per_program: int
+    num_warps: int
+    chunk_blocks: int = 0
+
+
+def launch_config(hidden: int, n_rows: int, fmt: str = "mxfp8") -> LaunchConfig:
+    """The launch configuration measured best on the H100 (``benchmarks/bench_norm_cast.py --sweep``).
+
+    Power-of-two rows up to 8192 (16384 for MXFP8) stay in registers: 4096
+    elements per program with 4 warps up to 4096, one row with 8 warps above.
+    Longer rows, and rows whose length is not a power of two, take the two-loop
+    variant (chunks of 4096 elements, or of up to 2048 dividing the row); rows
+    too short or too odd for chunks of 512 take the register path in runs.
+    """
+    spec = get_format(fmt)
+    num_blocks = hidden // spec.block_size
+    pow2 = hidden & (hidden - 1) == 0
+    if not (pow2 and (hidden <= 8192 or (hidden <= 16384 and not spec.tensor_scale))):
+        chunk = chunk_blocks_for(num_blocks, (4096 if pow2 else 2048) // spec.block_size)
+        chunk_elems = chunk * spec.block_size
+        if chunk_elems >= 512:
+            return LaunchConfig(1, min(8, max(4, chunk_elems // 256)), chunk)
+    padded = triton.next_power_of_2(hidden)
+    rows = min(max(1, 4096 // padded), triton.next_power_of_2(max(n_rows, 1)))
+    return LaunchConfig(rows, 4 if rows * padded <= 4096 else 8)
+
+
+def chunk_blocks_for(num_blocks: int, wanted: int) -> int:
+    """The largest power of two <= ``wanted`` that divides ``num_blocks`` (chunks need no masks)."""
+    largest_divisor = num_blocks & -num_blocks
+    return min(largest_divisor, 1 << (wanted.bit_length() - 1))
+
+
+def static_tensor_scale_base(hidden: int, *, fmt: str, norm: str, p: int, correction: float) -> float:
+    """The NVFP4 per-tensor scale before the gain: ``bound / (6 * 448)`` (1.0 for MXFP8).
+
+    The same number as ``reference.activation_tensor_scale``; the kernel multiplies
+    it by ``max|gain|`` and writes the 0-d result, so no extra launch computes it.
+    """
+    spec = get_format(fmt)
+    if not spec.tensor_scale:
+        return 1.0
+    if norm == "mxnorm":
+        return mxnorm_output_bound(p, hidden // spec.block_size, correction) / NVFP4_SCALE_RANGE
+    return rmsnorm_output_bound(hidden) / NVFP4_SCALE_RANGE
+
+
+def _has_fp8_conversion(device: torch.device) -> bool:
+    """sm_89+ converts float32 to e4m3 in hardware (round to nearest even, saturating)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _float64_halves(value: float) -> tuple[int, int]:
+    """The high and low 32 bits of a float64, each as a signed 32-bit integer."""
+    lo, hi = struct.unpack("<ii", struct.pack("<d", float(value)))
+    return hi, lo
+
+
+def swizzled_scales_numel(n_rows: int, num_blocks: int) -> int:
+    """Bytes of torchao's ``to_blocked`` layout: rows padded to 128, block columns to 4."""
+    return triton.cdiv(n_rows, _SWIZZLE_ROWS) * _SWIZZLE_ROWS * triton.cdiv(num_blocks, _SWIZZLE_COLS) * _SWIZZLE_COLS
+
+
+def norm_cast_triton(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    *,
+    fmt: str,
+    norm: str,
+    p: int,
+    scale_mode: str,
+    eps: float,
+    correction: float,
+    gamma_offset: float = 0.0,
+    eps_in_root: bool = True,
+    swizzle_scales: bool = False,
+    launch_cfg: LaunchConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused kernel behind ``mxrewrite::norm_cast``: same outputs as ``norm_cast_reference``.
+
+    With ``swizzle_scales`` the scales come back flat in the layout Blackwell's
+    ``torch._scaled_mm`` reads (torchao's ``to_blocked`` of the ``(rows, blocks)``
+    scale matrix, zero padded), instead of ``x.shape[:-1] + (blocks,)``.
+    ``launch_cfg`` overrides :func:`launch_config` (tests and tuning).
+    Arguments are checked by the op (``check_norm_cast_args``).
+    """
+    spec = get_format(fmt)
+    check_norm_args(norm, p)
+    lead, hidden = x.shape[:-1], x.shape[-1]
+    num_blocks = hidden // spec.block_size
+    x2d = x.reshape(-1, hidden).contiguous()
+    n_rows = x2d.shape[0]
+
+    data = torch.empty((n_rows, hidden // spec.elems_per_byte), dtype=torch.uint8, device=x.device)
+    if swizzle_scales:
+        numel = swizzled_scales_numel(n_rows, num_blocks)
+        padded = n_rows % _SWIZZLE_ROWS or num_blocks % _SWIZZLE_COLS
+        scales = (torch.zeros if padded else torch.empty)(numel, dtype=torch.uint8, device=x.device)
+    else:
+        scales = torch.empty((n_rows, num_blocks), dtype=torch.uint8, device=x.device)
+    rho = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
+    tscale_base = static_tensor_scale_base(hidden, fmt=fmt, norm=norm, p=p, correction=correction)
+
+    if n_rows == 0:  # nothing to launch; the per-tensor scale still comes back
+        tscale = torch.full((), tscale_base, dtype=torch.float32, device=x.device)
+        if spec.tensor_scale and gamma is not None:
+            tscale = torch.clamp(tscale * effective_gain(gamma, gamma_offset).abs().amax(), min=_MIN_TENSOR_SCALE)
+    else:
+        tscale = torch.empty((), dtype=torch.float32, device=x.device)
+        runs = block_runs(num_blocks)
+        runs = runs + (BlockRun(0, 0, 0),) * (_MAX_SEGMENTS - len(runs))
+        cfg = launch_cfg or launch_config(hidden, n_rows, spec.name)
+        chunk = chunk_blocks_for(num_blocks, cfg.chunk_blocks) if cfg.chunk_blocks else 0
+        interpret = is_interpreted(_norm_cast_kernel)
+        hardware_fp8 = not interpret and _has_fp8_conversion(x.device)
+        grid = (triton.cdiv(n_rows, cfg.rows_per_program),)
+        launch(
+            _norm_cast_kernel, grid,
+            x2d, gamma.contiguous() if gamma is not None else x2d, data, scales, rho, tscale,
+            n_rows, *_float64_halves(correction), *_float64_halves(eps), float(eps), float(gamma_offset), tscale_base,
+            HIDDEN=hidden, BLOCK=spec.block_size, ROWS=cfg.rows_per_program,
+            N0=runs[0].count, V0=runs[0].valid,
+            S1=runs[1].start, N1=runs[1].count, V1=runs[1].valid,
+            S2=runs[2].start, N2=runs[2].count, V2=runs[2].valid, CHUNK=chunk,
+            FMT=_NVFP4 if spec.tensor_scale else _MXFP8,
+            NORM=_MXNORM if norm == "mxnorm" else _RMSNORM, P=p, EPS_IN_ROOT=bool(eps_in_root),
+            SCALE_MODE=_RCEIL if scale_mode == "rceil" else _FLOOR,
+            HAS_GAMMA=gamma is not None, HAS_OFFSET=gamma is not None and gamma_offset != 0.0,
+            SWIZZLE=bool(swizzle_scales), SWIZZLE_COL_TILES=triton.cdiv(num_blocks, _SWIZZLE_COLS),
+            HW_FP8=hardware_fp8, INTERPRET=interpret,
+            num_warps=cfg.num_warps,
+        )
+
+    data = data.view(*lead, hidden // spec.elems_per_byte)
+    if not swizzle_scales:
+        scales = scales.view(*lead, num_blocks)
+    return data, scales, rho.view(lead), tscale

@@ -1,0 +1,428 @@
+"""The fused norm-cast Triton kernel against the torch reference, bit for bit.
+
+On CPU the kernel runs under Triton's interpreter (small shapes, every mode and
+the edge cases of the formats); on a GPU over the hidden sizes of real models.
+Data and block scales must be bit-identical to ``norm_cast_reference``. ``rho``
+must be bit-identical for MXNorm (its power mean is summed in float64); for the
+exact RMSNorm the float32 sum of squares runs in a different order, so ``rho``
+may differ by a couple of ulp, and data and scales are compared with the
+reference cast of ``x * rho_kernel``.
+
+NaN: every e4m3 NaN code (0x7F, 0xFF) counts as the same value, and NVFP4 blocks
+with a NaN scale are compared by their scale only (e2m1 has no NaN; the codes of
+such a block are arbitrary, see ``mxrewrite.formats.nvfp4``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxrewrite.formats import get_format, mx_quantize, nvfp4_quantize
+from mxrewrite.ops.reference import effective_gain, norm_cast_reference
+from tests.helpers import edge_rows, generator, wide_range
+from tests.ops.kernels.conftest import INTERPRETED, run_interpreter_tests
+
+triton = pytest.importorskip("triton")
+tl = triton.language
+
+from mxrewrite.ops.kernels.codecs import e2m1_encode_fast, e4m3_encode  # noqa: E402
+from mxrewrite.ops.kernels.norm_cast import LaunchConfig, block_runs, chunk_blocks_for, norm_cast_triton  # noqa: E402
+
+CORRECTION = 0.418492
+# (norm, p, eps_in_root)
+NORM_CASES = [("mxnorm", 2, True), ("mxnorm", 1, True), ("rmsnorm", 2, True), ("rmsnorm", 2, False)]
+NORM_IDS = ["mxnorm-p2", "mxnorm-p1", "rmsnorm", "rmsnorm-eps-outside-root"]
+FORMATS = ("mxfp8", "nvfp4")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+GAINS = [(False, 0.0), (True, 0.0), (True, 1.0)]  # (has gamma, gamma_offset)
+# float32 sums of squares in two orders differ by a few ulp, and an ulp of mean(x**2) is up to two of rho
+# (measured on the H100: at most 4 over 16M rows)
+ULP_TOLERANCE_RMSNORM = 8
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ---------------------------------------------------------------- comparisons
+
+def ordered_bits(t: torch.Tensor) -> torch.Tensor:
+    """float32 bits as integers in the order of the values (for ulp distances)."""
+    b = t.float().contiguous().view(torch.int32).long()
+    return torch.where(b < 0, -(b & 0x7FFFFFFF), b)
+
+
+def assert_rho_close(ours: torch.Tensor, ref: torch.Tensor, max_ulp: int, what: str) -> None:
+    assert ours.shape == ref.shape and ours.dtype == torch.float32, f"{what}: rho {ours.shape} {ours.dtype}"
+    ours, ref = ours.cpu(), ref.cpu()
+    nan_o, nan_r = ours.isnan(), ref.isnan()
+    assert torch.equal(nan_o, nan_r), f"{what}: rho NaN at different rows"
+    dist = (ordered_bits(ours) - ordered_bits(ref)).abs()[~nan_o]
+    worst = dist.max().item() if dist.numel() else 0
+    assert worst <= max_ulp, f"{what}: rho differs by {worst} ulp (allowed {max_ulp})"
+
+
+def nan_blocks(fmt: str, scales: torch.Tensor) -> torch.Tensor:
+    """Blocks whose scale byte is NaN (E8M0 0xFF; e4m3 0x7F / 0xFF)."""
+    if fmt == "mxfp8":
+        return scales == 0xFF
+    return (scales & 0x7F) == 0x7F
+
+
+def assert_cast_equal(fmt: str, ours: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor],
+                      what: str) -> None:
+    (data, scales), (ref_data, ref_scales) = [(d.cpu(), s.cpu()) for d, s in (ours, ref)]
+    for name, a, b in (("data", data, ref_data), ("scales", scales, ref_scales)):
+        assert a.dtype == torch.uint8 and a.shape == b.shape, f"{what}: {name} {a.shape} {a.dtype} vs {b.shape}"
+    same_scales = (scales == ref_scales) | (nan_blocks(fmt, scales) & nan_blocks(fmt, ref_scales))
+    assert_no_difference(same_scales, scales, ref_scales, f"{what}: scales")
+
+    spec = get_format(fmt)
+    if fmt == "mxfp8":
+        same_data = (data == ref_data) | (((data & 0x7F) == 0x7F) & ((ref_data & 0x7F) == 0x7F))
+    else:
+        bytes_per_block = spec.block_size // spec.elems_per_byte
+        skip = nan_blocks(fmt, ref_scales).repeat_interleave(bytes_per_block, dim=-1)
+        same_data = (data == ref_data) | skip
+    assert_no_difference(same_data, data, ref_data, f"{what}: data")
+
+
+def assert_no_difference(same: torch.Tensor, ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    if not bool(same.all()):
+        bad = (~same).nonzero()
+        first = tuple(bad[0].tolist())
+        raise AssertionError(f"{what}: {len(bad)} bytes differ, first at {first} "
+                             f"(ours {ours[first].item():#04x}, reference {ref[first].item():#04x})")
+
+
+def reference_cast(x, gamma, rho, *, fmt, scale_mode, gamma_offset, tensor_scale):
+    """The reference's cast of ``x * rho (* gain)`` for a given ``rho`` (``norm_cast_reference``'s tail)."""
+    spec = get_format(fmt)
+    xhat = x.float() * rho.unsqueeze(-1)
+    if gamma is not None:
+        xhat = xhat * effective_gain(gamma, gamma_offset)
+    if spec.tensor_scale:
+        data, scales, _ = nvfp4_quantize(xhat, tensor_scale)
+    else:
+        data, scales = mx_quantize(xhat, elem_dtype=spec.elem_dtype, block_size=spec.block_size,
+                                   scale_mode=scale_mode)
+    return data.view(torch.uint8), scales.view(torch.uint8)
+
+
+def check_against_reference(x, gamma, *, fmt, norm, p, eps_in_root=True, scale_mode="rceil", eps=1e-6,
+                            gamma_offset=0.0, what="", launch_cfg=None):
+    """Run the kernel on ``x`` (CPU or GPU) and compare with the reference evaluated on CPU."""
+    kwargs = dict(fmt=fmt, norm=norm, p=p, scale_mode=scale_mode, eps=eps, correction=CORRECTION,
+                  gamma_offset=gamma_offset, eps_in_root=eps_in_root)
+    data, scales, rho, tscale = norm_cast_triton(x, gamma, launch_cfg=launch_cfg, **kwargs)
+    x_cpu = x.cpu()
+    gamma_cpu = gamma.cpu() if gamma is not None else None
+    ref_data, ref_scales, ref_rho, ref_tscale = norm_cast_reference(x_cpu, gamma_cpu, **kwargs)
+    what = what or f"{fmt} {norm} p={p} {x.dtype} {tuple(x.shape)} gamma={gamma is not None}"
+
+    assert tscale.shape == () and tscale.dtype == torch.float32
+    assert torch.equal(tscale.cpu().view(torch.int32), ref_tscale.view(torch.int32)), f"{what}: tensor scale"
+    assert_rho_close(rho, ref_rho, 0 if norm == "mxnorm" else ULP_TOLERANCE_RMSNORM, what)
+    expected = reference_cast(x_cpu, gamma_cpu, rho.cpu(), fmt=fmt, scale_mode=scale_mode,
+                              gamma_offset=gamma_offset, tensor_scale=ref_tscale)
+    if norm == "mxnorm":
+        expected = (ref_data, ref_scales)
+    assert_cast_equal(fmt, (data, scales), expected, what)
+    return data, scales, rho, tscale
+
+
+def gaussian_rows(shape, dtype, seed, device="cpu"):
+    """Gaussian rows, each at its own scale (2**-8 .. 2**8), shifted off zero mean."""
+    g = generator(seed)
+    row_scale = torch.exp2(torch.randint(-8, 9, (*shape[:-1], 1), generator=g).float())
+    x = (torch.randn(shape, generator=g) + 0.25) * row_scale
+    return x.to(dtype).to(device)
+
+
+def random_rows(shape, dtype, seed, device="cpu"):
+    """Wide-range rows (subnormals to 2**60) for bf16/fp32; float16 cannot hold them, so Gaussian rows."""
+    if dtype == torch.float16:
+        return gaussian_rows(shape, dtype, seed, device)
+    return wide_range(shape, dtype, seed).to(device)
+
+
+def gain(hidden, dtype, seed, device="cpu"):
+    return (torch.randn(hidden, generator=generator(seed)) * 0.5 + 0.1).to(dtype).to(device)
+
+
+def codec_inputs(stride: int) -> torch.Tensor:
+    """float32 values covering the e4m3 and e2m1 ranges (every ``stride``-th bit pattern below 2**9,
+    both signs) plus infinities, NaN, the largest floats and exact ties."""
+    pos = torch.arange(0, 0x44000000, stride, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    specials = torch.tensor([float("inf"), float("nan"), 448.0, 464.0, 465.0, 480.0, 3e38, 2.0**-10, 2.0**-9,
+                             0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 0.0])
+    return torch.cat([pos, -pos, specials, -specials])
+
+
+@triton.jit
+def encode_kernel(x_ptr, e4m3_ptr, e2m1_ptr, n, HW: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(e4m3_ptr + offs, e4m3_encode(y, HW), mask=offs < n)
+    tl.store(e2m1_ptr + offs, e2m1_encode_fast(y).to(tl.uint8), mask=offs < n)
+
+
+def encode_with_codecs(x: torch.Tensor, hardware_fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernel codecs over ``x``: (e4m3 bytes, e2m1 codes)."""
+    e4m3 = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    e2m1 = torch.empty_like(e4m3)
+    block = 1 << 16 if x.device.type == "cpu" else 1024
+    encode_kernel[(triton.cdiv(x.numel(), block),)](x, e4m3, e2m1, x.numel(), HW=hardware_fp8, BLOCK=block)
+    return e4m3.cpu(), e2m1.cpu()
+
+
+def assert_codecs_match_reference(x: torch.Tensor, e4m3: torch.Tensor, e2m1: torch.Tensor, what: str) -> None:
+    from mxrewrite.formats.e2m1 import e2m1_encode
+
+    x = x.cpu()
+    nan = x.isnan()
+    want_e4m3 = torch.clamp(x, -448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+    same = (e4m3 == want_e4m3) | (nan & ((e4m3 & 0x7F) == 0x7F))
+    assert_no_difference(same, e4m3, want_e4m3, f"{what} e4m3 encode")
+    want_e2m1 = e2m1_encode(torch.clamp(x, -6.0, 6.0))
+    same = (e2m1 == want_e2m1) | nan
+    assert_no_difference(same, e2m1, want_e2m1, f"{what} e2m1 encode")
+
+
+# ---------------------------------------------------------------- plain python
+
+def test_block_runs_cover_each_block_once():
+    for num_blocks in list(range(1, 80)) + [160, 448, 512, 896]:
+        runs = block_runs(num_blocks)
+        assert 1 <= len(runs) <= 3
+        covered = []
+        for run in runs:
+            assert run.count & (run.count - 1) == 0 and 0 < run.valid <= run.count
+            covered.extend(range(run.start, run.start + run.valid))
+        assert covered == list(range(num_blocks)), num_blocks
+    # hidden sizes of real models need no padding: 5120 = 4096 + 1024, 14336 = 8192 + 4096 + 2048
+    assert all(r.valid == r.count for r in block_runs(5120 // 32) + block_runs(14336 // 32) + block_runs(14336 // 16))
+
+
+def test_chunks_divide_the_row():
+    for num_blocks in (1, 3, 7, 160, 448, 512, 896):
+        for wanted in (1, 2, 16, 64, 100):
+            chunk = chunk_blocks_for(num_blocks, wanted)
+            assert num_blocks % chunk == 0 and chunk <= wanted and chunk & (chunk - 1) == 0
+    assert chunk_blocks_for(448, 64) == 64 and chunk_blocks_for(160, 64) == 32
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the parent of the interpreter run")
+def test_kernels_bit_exact_under_triton_interpreter():
+    run_interpreter_tests(__file__)
+
+
+# ---------------------------------------------------------------- CPU, Triton interpreter
+
+if INTERPRETED:
+    INTERP_SHAPES = [(5, 64), (3, 96), (2, 3, 224), (1, 480)]
+
+    def test_interp_codecs_match_the_reference_casts():
+        x = codec_inputs(stride=997)
+        assert_codecs_match_reference(x, *encode_with_codecs(x, hardware_fp8=False), "software")
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_interp_modes(fmt, norm, p, eps_in_root, dtype):
+        for i, shape in enumerate(INTERP_SHAPES):
+            for has_gamma, offset in GAINS:
+                x = gaussian_rows(shape, dtype, seed=i) if i % 2 else random_rows(shape, dtype, seed=i)
+                gamma = gain(shape[-1], dtype, seed=i) if has_gamma else None
+                check_against_reference(x, gamma, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
+                                        gamma_offset=offset)
+
+    @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
+    def test_interp_floor_scale_mode(norm, p, eps_in_root):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = wide_range((6, 96), dtype, seed=3)
+            check_against_reference(x, None, fmt="mxfp8", norm=norm, p=p, eps_in_root=eps_in_root,
+                                    scale_mode="floor")
+            check_against_reference(x, gain(96, dtype, 5), fmt="mxfp8", norm=norm, p=p, eps_in_root=eps_in_root,
+                                    scale_mode="floor", gamma_offset=1.0)
+
+    @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+    @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_interp_edge_cases(fmt, norm, p, eps_in_root, dtype):
+        """Zero rows, one huge value, subnormals, +-inf, NaN (tests.helpers.edge_rows), with and without eps."""
+        rows, names = edge_rows(64)
+        x = rows.to(dtype)
+        for eps in (1e-6, 0.0):
+            for i, name in enumerate(names):
+                check_against_reference(x[i:i + 1], None, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
+                                        eps=eps, what=f"{fmt} {norm} p={p} {dtype} {name} eps={eps}")
+            # and all of them at once, with a gain
+            check_against_reference(x, gain(64, dtype, 7), fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
+                                    eps=eps, gamma_offset=1.0)
+
+    @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_interp_two_loop_variant(fmt, norm, p, eps_in_root):
+        """The chunked variant (two loops, the second re-reading the rows) gives the same bits."""
+        for shape, cfg in [((5, 192), LaunchConfig(2, 4, 4)), ((3, 256), LaunchConfig(4, 4, 4)),
+                           ((2, 96), LaunchConfig(1, 4, 1))]:
+            x = random_rows(shape, torch.bfloat16, seed=shape[-1])
+            for has_gamma, offset in GAINS:
+                gamma = gain(shape[-1], torch.float32, seed=3) if has_gamma else None
+                check_against_reference(x, gamma, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
+                                        gamma_offset=offset, launch_cfg=cfg)
+        rows, names = edge_rows(64)
+        check_against_reference(rows, None, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root, eps=0.0,
+                                launch_cfg=LaunchConfig(2, 4, 1))
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_interp_degenerate_gains(fmt):
+        """A zero gain (the NVFP4 tensor scale clamps at 2**-120), Gemma's 1 + gamma = 0, and a NaN gain."""
+        x = gaussian_rows((4, 96), torch.bfloat16, seed=11)
+        nan_gain = gain(96, torch.float32, 2)
+        nan_gain[17] = float("nan")
+        for gamma, offset in [(torch.zeros(96), 0.0), (-torch.ones(96), 1.0), (nan_gain, 0.0)]:
+            for norm, p, eps_in_root in NORM_CASES[::2]:
+                check_against_reference(x, gamma, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
+                                        gamma_offset=offset)
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_interp_row_counts_and_layouts(fmt):
+        for shape in [(0, 64), (1, 64), (13, 64), (2, 0, 96), (3, 4, 5, 32), (1, 2048)]:
+            x = gaussian_rows(shape, torch.bfloat16, seed=sum(shape))
+            data, scales, rho, _ = check_against_reference(x, None, fmt=fmt, norm="mxnorm", p=2)
+            spec = get_format(fmt)
+            assert data.shape == (*shape[:-1], shape[-1] // spec.elems_per_byte)
+            assert scales.shape == (*shape[:-1], shape[-1] // spec.block_size)
+            assert rho.shape == shape[:-1]
+        x = gaussian_rows((64, 6), torch.float32, seed=1).t()  # non-contiguous (6, 64)
+        check_against_reference(x, None, fmt=fmt, norm="rmsnorm", p=2)
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_interp_swizzled_scales_match_to_blocked(fmt):
+        to_blocked = pytest.importorskip("torchao.prototype.mx_formats.utils").to_blocked
+        spec = get_format(fmt)
+        for rows, hidden in [(1, 96), (128, 128), (130, 96), (2, 7 * spec.block_size)]:
+            x = gaussian_rows((rows, hidden), torch.bfloat16, seed=rows + hidden)
+            kwargs = dict(fmt=fmt, norm="mxnorm", p=2, scale_mode="rceil", eps=1e-6, correction=CORRECTION)
+            data, scales, rho, _ = norm_cast_triton(x, None, **kwargs)
+            data_sw, scales_sw, rho_sw, _ = norm_cast_triton(x, None, swizzle_scales=True, **kwargs)
+            assert torch.equal(data, data_sw) and torch.equal(rho, rho_sw)
+            expected = to_blocked(scales.reshape(rows, hidden // spec.block_size))
+            assert scales_sw.shape == expected.shape
+            assert torch.equal(scales_sw, expected), f"{fmt} {rows}x{hidden}: swizzled scales"
+
+
+# ---------------------------------------------------------------- GPU
+
+GPU_HIDDEN = (2048, 4096, 5120, 8192, 14336, 16384)
+
+
+@gpu
+@pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("hidden", GPU_HIDDEN)
+def test_gpu_hidden_sizes(hidden, fmt, norm, p, eps_in_root):
+    x = gaussian_rows((301, hidden), torch.bfloat16, seed=hidden, device="cuda")
+    check_against_reference(x, None, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root)
+
+
+@gpu
+@pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("hidden", (5120, 16384))
+def test_gpu_two_loop_variant_with_gain(hidden, fmt, norm, p, eps_in_root):
+    """The two-loop variant with a gain (the hidden-size tests cover it without one), and two rows a program."""
+    x = gaussian_rows((301, hidden), torch.bfloat16, seed=hidden + 7, device="cuda")
+    for cfg in (LaunchConfig(2, 8, 32),):
+        check_against_reference(x, gain(hidden, torch.bfloat16, 5, "cuda"), fmt=fmt, norm=norm, p=p,
+                                eps_in_root=eps_in_root, gamma_offset=1.0, launch_cfg=cfg)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm,p", [("mxnorm", 2), ("rmsnorm", 2)])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("hidden", (5120, 14336))
+def test_gpu_dtypes_and_gains(hidden, fmt, norm, p, dtype):
+    x = random_rows((64, 2, hidden), dtype, seed=hidden + 1, device="cuda")
+    check_against_reference(x, gain(hidden, dtype, 3, "cuda"), fmt=fmt, norm=norm, p=p, gamma_offset=1.0)
+    check_against_reference(x, gain(hidden, dtype, 4, "cuda"), fmt=fmt, norm=norm, p=p, scale_mode="floor")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_edge_cases(fmt, norm, p, eps_in_root, dtype):
+    rows, names = edge_rows(64)
+    x = rows.to(dtype)
+    for eps in (1e-6, 0.0):
+        for i, name in enumerate(names):
+            check_against_reference(x[i:i + 1].cuda(), None, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
+                                    eps=eps, what=f"{fmt} {norm} p={p} {dtype} {name} eps={eps}")
+    # the edge rows tiled across a real hidden size, many rows
+    big = torch.cat([x] * 32, dim=-1).repeat(7, 1).cuda()
+    check_against_reference(big, None, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_row_counts(fmt):
+    for shape in [(0, 4096), (1, 4096), (1, 14336), (3, 5, 2048), (65537, 2048)]:
+        x = gaussian_rows(shape, torch.bfloat16, seed=sum(shape), device="cuda")
+        check_against_reference(x, None, fmt=fmt, norm="mxnorm", p=2)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_swizzled_scales_match_to_blocked(fmt):
+    to_blocked = pytest.importorskip("torchao.prototype.mx_formats.utils").to_blocked
+    spec = get_format(fmt)
+    for rows, hidden in [(1000, 5120), (256, 4096), (3, 14336)]:
+        x = gaussian_rows((rows, hidden), torch.bfloat16, seed=rows, device="cuda")
+        kwargs = dict(fmt=fmt, norm="mxnorm", p=2, scale_mode="rceil", eps=1e-6, correction=CORRECTION)
+        _, scales, _, _ = norm_cast_triton(x, None, **kwargs)
+        _, scales_sw, _, _ = norm_cast_triton(x, None, swizzle_scales=True, **kwargs)
+        expected = to_blocked(scales.reshape(rows, hidden // spec.block_size).cpu())
+        assert torch.equal(scales_sw.cpu(), expected), f"{fmt} {rows}x{hidden}"
+
+
+@gpu
+def test_gpu_codecs_match_the_reference_casts():
+    """The hardware float32 -> e4m3 conversion the kernels use rounds like torch's cast after the clamp."""
+    x = codec_inputs(stride=61).cuda()
+    for hardware in (True, False):
+        assert_codecs_match_reference(x, *encode_with_codecs(x, hardware), f"hardware={hardware}")
+
+
+@gpu
+def test_gpu_compiled_graph_contains_the_kernel():
+    """torch.compile(fullgraph=True) sees the Triton kernel itself (triton_op), and computes the same bits."""
+    from torch._inductor.utils import run_and_get_code
+
+    import mxrewrite.ops  # noqa: F401  (registers the ops)
+
+    def f(x, gamma):
+        return torch.ops.mxrewrite.norm_cast(x, gamma, "mxfp8", "mxnorm", 2, "rceil", 1e-6, CORRECTION, 1.0, True)
+
+    x = gaussian_rows((256, 5120), torch.bfloat16, seed=0, device="cuda")
+    gamma = gain(5120, torch.bfloat16, 1, "cuda")
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    out, codes = run_and_get_code(compiled, x, gamma)
+    assert any("_norm_cast_kernel" in code for code in codes), "Inductor's code does not launch _norm_cast_kernel"
+    for a, b in zip(out, f(x, gamma)):
+        assert torch.equal(a, b)
+
+
+@gpu
+def test_gpu_op_runs_the_kernel():
+    import mxrewrite.ops  # noqa: F401
+
+    x = gaussian_rows((33, 4096), torch.float16, seed=2, device="cuda")
+    out = torch.ops.mxrewrite.norm_cast(x, None, "nvfp4", "rmsnorm", 2, "rceil", 1e-5, CORRECTION, 0.0, True)
+    direct = norm_cast_triton(x, None, fmt="nvfp4", norm="rmsnorm", p=2, scale_mode="rceil", eps=1e-5,
+                              correction=CORRECTION, gamma_offset=0.0, eps_in_root=True)
+    for a, b in zip(out, direct):
+        assert a.is_cuda and torch.equal(a, b)
