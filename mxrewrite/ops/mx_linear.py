@@ -87,17 +87,31 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, (-t.shape[0]) % multiple))
 
 
-def _grad_matmul(grad: torch.Tensor, other: torch.Tensor, grad_cast: str, scale_mode: str,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """``grad @ other`` (float32), reducing over ``grad``'s last dim; in MX when ``grad_cast="mx"``."""
-    if grad_cast == "hp":
-        return (grad.to(dtype) @ other.to(dtype)).float()
-    # MX operands must be blocked along the reduction dim: pad it to whole blocks with zeros.
+@torch.library.custom_op("mxrewrite::mx_grad_matmul", mutates_args=())
+def mx_grad_matmul(grad: torch.Tensor, other: torch.Tensor, scale_mode: str) -> torch.Tensor:
+    """``grad @ other`` in float32 on MXFP8 operands blocked along the reduction dim: ``grad`` with
+    float8_e5m2 elements, ``other`` with float8_e4m3fn; the reduction dim is zero-padded to whole blocks.
+
+    An opaque op, so that torch.compile traces mx_linear's backward without tracing into the GEMM
+    kernels (they launch Triton directly)."""
     grad_t = _pad_rows(grad.t(), MXFP8_BLOCK_SIZE).t().contiguous()
     other_t = _pad_rows(other, MXFP8_BLOCK_SIZE).t().contiguous()
     a = quantize_matrix(grad_t, "mxfp8", scale_mode=scale_mode, elem_dtype=torch.float8_e5m2)
     b = quantize_matrix(other_t, "mxfp8", scale_mode=scale_mode)
     return block_scaled_mm(a, b)
+
+
+@mx_grad_matmul.register_fake
+def _(grad, other, scale_mode):
+    return grad.new_empty((grad.shape[0], other.shape[1]), dtype=torch.float32)
+
+
+def _grad_matmul(grad: torch.Tensor, other: torch.Tensor, grad_cast: str, scale_mode: str,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``grad @ other`` (float32), reducing over ``grad``'s last dim; in MX when ``grad_cast="mx"``."""
+    if grad_cast == "hp":
+        return (grad.to(dtype) @ other.to(dtype)).float()
+    return mx_grad_matmul(grad, other, scale_mode)
 
 
 def _setup_context(ctx, inputs, output):

@@ -110,3 +110,33 @@ def test_export_with_dynamic_tokens(fmt):
         out, grads = forward_backward(exported, exported, x)
         for a, b in zip(out + tuple(grads), ref_out + tuple(ref_grads)):
             assert torch.equal(a, b)
+
+
+def test_compiled_backward_keeps_the_mx_gemms_opaque():
+    """AOTAutograd traces mx_linear's backward: its MX GEMMs must appear as the opaque
+    ``mx_grad_matmul`` op, never as traced kernel launches (Triton kernels cannot take fake tensors)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    backward_graphs = []
+
+    def record_backward(gm, example_inputs):
+        backward_graphs.append(gm)
+        return gm
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=lambda g, _: g, bw_compiler=record_backward)
+
+    x = torch.randn(4, 64, requires_grad=True)
+    w = torch.randn(32, 64, requires_grad=True)
+
+    def f(x, w):
+        data, scales, rho, tscale = torch.ops.mxrewrite.norm_cast(x, None, "mxfp8", "mxnorm", 2, "rceil", 1e-6,
+                                                                  0.4185, 0.0, True)
+        return torch.ops.mxrewrite.mx_linear(x, rho, data, scales, tscale, w, None, None, "mxfp8", "rceil", 0.0,
+                                             False, 1.0, torch.float32, "mx")
+
+    torch.compile(f, backend=backend, fullgraph=True)(x, w).sum().backward()
+    (bw,) = backward_graphs
+    targets = [n.target for n in bw.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.mxrewrite.mx_grad_matmul.default) == 2  # grad_input and grad_weight
+    assert x.grad is not None and w.grad is not None

@@ -92,3 +92,27 @@ def test_replayed_chains_reproduce_output_shapes():
     for o, r in zip(out[1:], ref[1:]):
         assert o.shape == r.shape
         assert rel_err(o, r) < 0.1
+
+
+def test_constant_multipliers_survive_exactly():
+    """Scalars on the path (h * 0.25) and on the weight (W * 3) become the MX linear's alpha: the
+    rewritten model computes exactly 0.75 times the rewrite of the same model without them."""
+
+    class Scaled(nn.Module):
+        def __init__(self, path_scale: float, weight_scale: float):
+            super().__init__()
+            self.norm, self.proj = nn.RMSNorm(D), nn.Linear(D, 32, bias=False)
+            self.path_scale, self.weight_scale = path_scale, weight_scale
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.norm(x) * self.path_scale, self.proj.weight * self.weight_scale)
+
+    torch.manual_seed(0)
+    plain, scaled = Scaled(1.0, 1.0), Scaled(0.25, 3.0)
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, D)
+    gm_plain = rewritten(plain, x, include_head=True)
+    gm_scaled = rewritten(scaled, x, include_head=True)
+    (lin,) = [n for n in gm_scaled.graph.nodes if n.target is MX_LINEAR]
+    assert lin.args[12] == 0.75
+    torch.testing.assert_close(gm_scaled(x), gm_plain(x) * 0.75, rtol=0, atol=0)
