@@ -227,8 +227,8 @@ def _resolve_weight(node, params: set[str]) -> tuple[fx.Node, bool, float, bool]
             upcast = upcast or _is_upcast_to_fp32(node, src)
         elif (factor := _scalar_factor(node, src)) is not None:
             scale *= factor
-        elif node.target in (aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default):
-            pass
+        elif node.target in (aten.contiguous.default, aten.clone.default, aten.alias.default):
+            pass  # (not detach: a detached weight gets no gradient, which the MX linear would change)
         else:
             return None
         node = src

@@ -57,7 +57,7 @@ def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
 
 
 def _rewrite_linear(graph: fx.Graph, site: SitePlan, lin: LinearConsumer, cast: list[fx.Node],
-                    config: RewriteConfig) -> None:
+                    config: RewriteConfig, gamma_in_cast: bool) -> None:
     data, scales, rho, tscale = cast
     match = site.match
     with graph.inserting_before(lin.node):
@@ -65,7 +65,7 @@ def _rewrite_linear(graph: fx.Graph, site: SitePlan, lin: LinearConsumer, cast: 
         y = graph.call_function(
             torch.ops.mxrewrite.mx_linear.default,
             (match.input, rho, data, scales, tscale, weight, match.gamma, lin.bias, config.format, config.scale_mode,
-             match.gamma_offset, config.norm == "rmsnorm", lin.alpha, lin.node.meta["val"].dtype, config.grad_cast),
+             match.gamma_offset, gamma_in_cast, lin.alpha, lin.node.meta["val"].dtype, config.grad_cast),
         )
         y = _replay(graph, lin.chain, y, lin.out_features)
     lin.node.replace_all_uses_with(y)
@@ -91,7 +91,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
             cast = [graph.call_function(operator.getitem, (fused, i)) for i in range(4)]
         dead = list(match.nodes)
         for lin in site.linears:
-            _rewrite_linear(graph, site, lin, cast, config)
+            _rewrite_linear(graph, site, lin, cast, config, gamma_in_cast)
             dead.extend(lin.chain)
         _erase_dead(graph, dead)
     graph.lint()
