@@ -4,10 +4,12 @@
   -> (data, scales, rho, tensor_scale)``: the fused norm + MXFP8/NVFP4 cast.
 * ``mx_linear(x, rho, data, scales, tensor_scale, weight, gamma, bias, fmt, scale_mode,
   gamma_offset, gamma_in_cast, alpha, out_dtype, grad_cast) -> y``: the linear it feeds.
-* ``rms_norm_backward(grad, x, rho) -> dx``: the straight-through norm gradient.
+* ``rms_norm_backward(grad, x, rho, gain=None) -> dx``: the straight-through norm gradient.
+* ``block_scaled_mm(a_data, a_scales, a_tensor_scale, a_elem, b_data, ..., fmt, out_dtype)``: the
+  GEMM of two block-scaled operands, opaque to torch.compile (``matmul.mx_matmul`` calls it).
 
-Each has a fake (meta) implementation for torch.compile / torch.export and an
-autograd formula. Data and scales travel between ops as raw uint8 bytes; view
+Each has a fake (meta) implementation for torch.compile / torch.export; the first
+three have an autograd formula (the GEMM's operands are raw bytes, it needs none). Data and scales travel between ops as raw uint8 bytes; view
 them with :func:`typed_views`.
 """
 

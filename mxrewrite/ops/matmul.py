@@ -47,8 +47,12 @@ class BlockScaledMatrix:
 
 def quantize_matrix(t: torch.Tensor, fmt: str | FormatSpec, *, scale_mode: str = "rceil",
                     elem_dtype: torch.dtype | None = None) -> BlockScaledMatrix:
-    """Cast a 2-D tensor along its last dim (NVFP4 takes a per-tensor scale from ``amax(t)``)."""
+    """Cast a 2-D tensor along its last dim (NVFP4 takes a per-tensor scale from ``amax(t)``).
+
+    Data and scales come back contiguous whatever ``t``'s strides (a transposed ``t`` is
+    how the backward GEMMs get operands blocked along their reduction dim)."""
     spec = get_format(fmt)
+    t = t.contiguous()
     if spec.tensor_scale:
         data, scales, tscale = nvfp4_quantize(t)
         elem_dtype = spec.elem_dtype
@@ -114,13 +118,45 @@ def _scaled_mm(a: BlockScaledMatrix, b: BlockScaledMatrix) -> torch.Tensor:
     return out.float() * (a.tensor_scale * b.tensor_scale)
 
 
-def block_scaled_mm(a: BlockScaledMatrix, b: BlockScaledMatrix, backend: str | None = None) -> torch.Tensor:
-    """``A @ B.T`` in float32, for ``A`` of shape ``(M, K)`` and ``B`` of shape ``(N, K)``."""
+def block_scaled_mm(a: BlockScaledMatrix, b: BlockScaledMatrix, backend: str | None = None,
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``A @ B.T`` in ``out_dtype`` (accumulated in float32) for ``A`` of shape ``(M, K)`` and ``B`` of
+    shape ``(N, K)``."""
     backend = backend or default_backend(a.data.device)
     if backend == "scaled_mm" and a.elem_dtype == b.elem_dtype:
-        return _scaled_mm(a, b)
-    if backend == "triton":
+        out = _scaled_mm(a, b)
+    elif backend == "triton":
         from mxrewrite.ops.kernels.mx_gemm import triton_block_scaled_mm
 
-        return triton_block_scaled_mm(a, b)
-    return _emulated_mm(a, b)
+        out = triton_block_scaled_mm(a, b, out_dtype=out_dtype)
+    else:
+        out = _emulated_mm(a, b)
+    return out.to(out_dtype)
+
+
+@torch.library.custom_op("mxrewrite::block_scaled_mm", mutates_args=())
+def _block_scaled_mm_op(
+    a_data: torch.Tensor, a_scales: torch.Tensor, a_tensor_scale: torch.Tensor, a_elem: torch.dtype,
+    b_data: torch.Tensor, b_scales: torch.Tensor, b_tensor_scale: torch.Tensor, b_elem: torch.dtype,
+    fmt: str, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    spec = get_format(fmt)
+    # contiguous as traced, but Inductor may hand a custom op other strides
+    a = BlockScaledMatrix(a_data.contiguous(), a_scales.contiguous(), a_tensor_scale, spec, a_elem)
+    b = BlockScaledMatrix(b_data.contiguous(), b_scales.contiguous(), b_tensor_scale, spec, b_elem)
+    return block_scaled_mm(a, b, out_dtype=out_dtype)
+
+
+@_block_scaled_mm_op.register_fake
+def _(a_data, a_scales, a_tensor_scale, a_elem, b_data, b_scales, b_tensor_scale, b_elem, fmt, out_dtype):
+    return a_data.new_empty((a_data.shape[0], b_data.shape[0]), dtype=out_dtype)
+
+
+def mx_matmul(a: BlockScaledMatrix, b: BlockScaledMatrix, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`block_scaled_mm` through the opaque op ``mxrewrite::block_scaled_mm``.
+
+    torch.compile traces the casts around it (Inductor fuses them with their
+    neighbours) but not the GEMM, whose kernels launch Triton or cuBLAS themselves.
+    """
+    return _block_scaled_mm_op(a.data, a.scales, a.tensor_scale, a.elem_dtype,
+                               b.data, b.scales, b.tensor_scale, b.elem_dtype, a.spec.name, out_dtype)

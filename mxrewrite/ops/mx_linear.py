@@ -18,6 +18,11 @@ recipe, used for NVFP4 models too); ``grad_cast="hp"`` keeps them in high precis
 
 ``rho`` is treated as a constant of ``x``: its dependence on ``x`` is inside the
 norm gradient formula, so nothing flows back through ``norm_cast``.
+
+Under torch.compile the op is a ``triton_op``: Inductor traces its body, so the
+weight cast (with the gain folded in), the backward's operand casts (with their
+transposes) and the epilogues are fused into generated kernels; only the GEMMs
+stay opaque (``mxrewrite::block_scaled_mm``, :func:`mxrewrite.ops.matmul.mx_matmul`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from mxrewrite.errors import ConfigError
 from mxrewrite.formats import get_format
 from mxrewrite.formats.constants import MXFP8_BLOCK_SIZE
-from mxrewrite.ops.matmul import BlockScaledMatrix, block_scaled_mm, quantize_matrix
+from mxrewrite.ops.matmul import BlockScaledMatrix, mx_matmul, quantize_matrix
 from mxrewrite.ops.norm_backward import rms_norm_backward
 from mxrewrite.ops.reference import effective_gain
 
@@ -40,7 +45,7 @@ def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype if t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-@torch.library.custom_op("mxrewrite::mx_linear", mutates_args=())
+@torch.library.triton_op("mxrewrite::mx_linear", mutates_args=())
 def mx_linear(
     x: torch.Tensor,
     rho: torch.Tensor,
@@ -69,11 +74,13 @@ def mx_linear(
         w = weight.float() * effective_gain(gamma, gamma_offset)
     act = BlockScaledMatrix(data.reshape(-1, data.shape[-1]), scales.reshape(-1, scales.shape[-1]),
                             tensor_scale, spec, spec.elem_dtype)
-    y = block_scaled_mm(act, quantize_matrix(w, spec, scale_mode=scale_mode))
-    if alpha != 1.0:
-        y = y * alpha
-    if bias is not None:
-        y = y + bias.float()
+    w_cast = quantize_matrix(w, spec, scale_mode=scale_mode)
+    if alpha == 1.0 and bias is None:  # no epilogue: the GEMM writes the output dtype itself
+        y = mx_matmul(act, w_cast, out_dtype)
+    else:
+        y = mx_matmul(act, w_cast) * alpha
+        if bias is not None:
+            y = y + bias.float()
     return y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -87,31 +94,18 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, (-t.shape[0]) % multiple))
 
 
-@torch.library.custom_op("mxrewrite::mx_grad_matmul", mutates_args=())
-def mx_grad_matmul(grad: torch.Tensor, other: torch.Tensor, scale_mode: str) -> torch.Tensor:
-    """``grad @ other`` in float32 on MXFP8 operands blocked along the reduction dim: ``grad`` with
-    float8_e5m2 elements, ``other`` with float8_e4m3fn; the reduction dim is zero-padded to whole blocks.
-
-    An opaque op, so that torch.compile traces mx_linear's backward without tracing into the GEMM
-    kernels (they launch Triton directly)."""
-    grad_t = _pad_rows(grad.t(), MXFP8_BLOCK_SIZE).t().contiguous()
-    other_t = _pad_rows(other, MXFP8_BLOCK_SIZE).t().contiguous()
-    a = quantize_matrix(grad_t, "mxfp8", scale_mode=scale_mode, elem_dtype=torch.float8_e5m2)
-    b = quantize_matrix(other_t, "mxfp8", scale_mode=scale_mode)
-    return block_scaled_mm(a, b)
-
-
-@mx_grad_matmul.register_fake
-def _(grad, other, scale_mode):
-    return grad.new_empty((grad.shape[0], other.shape[1]), dtype=torch.float32)
-
-
 def _grad_matmul(grad: torch.Tensor, other: torch.Tensor, grad_cast: str, scale_mode: str,
                  dtype: torch.dtype) -> torch.Tensor:
-    """``grad @ other`` (float32), reducing over ``grad``'s last dim; in MX when ``grad_cast="mx"``."""
+    """``grad @ other`` in ``dtype`` (accumulated in float32), reducing over ``grad``'s last dim;
+    on MX operands when ``grad_cast="mx"``."""
     if grad_cast == "hp":
-        return (grad.to(dtype) @ other.to(dtype)).float()
-    return mx_grad_matmul(grad, other, scale_mode)
+        return grad.to(dtype) @ other.to(dtype)
+    # blocks run along the reduction dim, zero-padded to whole blocks
+    grad_t = _pad_rows(grad.t(), MXFP8_BLOCK_SIZE).t()
+    other_t = _pad_rows(other, MXFP8_BLOCK_SIZE).t()
+    a = quantize_matrix(grad_t, "mxfp8", scale_mode=scale_mode, elem_dtype=torch.float8_e5m2)
+    b = quantize_matrix(other_t, "mxfp8", scale_mode=scale_mode)
+    return mx_matmul(a, b, dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -136,8 +130,7 @@ def _backward(ctx, grad_out):
     if need_x or need_gamma:
         h = _grad_matmul(grad_scaled, weight, ctx.grad_cast, ctx.scale_mode, dtype)  # (M, D)
         if need_x:
-            g = h * gain if gain is not None else h
-            grad_x = rms_norm_backward(g.reshape(x.shape), x, rho)
+            grad_x = rms_norm_backward(h.reshape(x.shape), x, rho, gain)
         if need_gamma:
             grad_gamma = (xhat * h).sum(0).to(gamma.dtype)
     if need_w:

@@ -16,13 +16,15 @@ from mxrewrite.ops.reference import rms_norm_backward_reference
 
 
 @torch.library.triton_op("mxrewrite::rms_norm_backward", mutates_args=())
-def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-    """``dx`` in ``x.dtype``; ``grad`` has ``x``'s shape, ``rho`` has ``x.shape[:-1]``."""
+def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, rho: torch.Tensor,
+                      gain: torch.Tensor | None = None) -> torch.Tensor:
+    """``dx`` in ``x.dtype``; ``grad`` has ``x``'s shape, ``rho`` has ``x.shape[:-1]``, ``gain`` (optional,
+    multiplies ``grad``) has ``x.shape[-1:]``."""
     if kernels.use_triton(x):
-        return kernels.rms_norm_backward_triton(grad, x, rho)
-    return rms_norm_backward_reference(grad, x, rho)
+        return kernels.rms_norm_backward_triton(grad, x, rho, gain)
+    return rms_norm_backward_reference(grad, x, rho, gain)
 
 
 @rms_norm_backward.register_fake
-def _(grad, x, rho):
+def _(grad, x, rho, gain=None):
     return torch.empty_like(x)

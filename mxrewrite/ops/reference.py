@@ -136,13 +136,15 @@ def norm_cast_reference(
     return data.view(torch.uint8), scales.view(torch.uint8), rho, tscale
 
 
-def rms_norm_backward_reference(grad: torch.Tensor, x: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+def rms_norm_backward_reference(grad: torch.Tensor, x: torch.Tensor, rho: torch.Tensor,
+                                gain: torch.Tensor | None = None) -> torch.Tensor:
     """Straight-through norm gradient: ``dx = rho * g - (1/D) * rho**3 * x * <g, x>`` (in ``x.dtype``).
 
-    ``g`` is the gradient with respect to the normalised activation ``x * rho``;
-    this is RMSNorm's exact gradient evaluated with the (estimated) ``rho``.
+    ``g = grad * gain`` (``grad`` alone without a gain) is the gradient with respect to
+    the normalised activation ``x * rho``; this is RMSNorm's exact gradient evaluated
+    with the (estimated) ``rho``.
     """
-    g = grad.float()
+    g = grad.float() if gain is None else grad.float() * gain.float()
     xf = x.float()
     r = rho.float().unsqueeze(-1)
     dot = (g * xf).sum(-1, keepdim=True)

@@ -113,18 +113,19 @@ def test_export_with_dynamic_tokens(fmt):
 
 
 def test_compiled_backward_keeps_the_mx_gemms_opaque():
-    """AOTAutograd traces mx_linear's backward: its MX GEMMs must appear as the opaque
-    ``mx_grad_matmul`` op, never as traced kernel launches (Triton kernels cannot take fake tensors)."""
+    """AOTAutograd traces mx_linear, forward and backward: its MX GEMMs must appear as the opaque
+    ``block_scaled_mm`` op, never as traced kernel launches (Triton kernels cannot take fake tensors),
+    while the casts around them are plain torch ops for Inductor to fuse."""
     from torch._functorch.aot_autograd import aot_module_simplified
 
-    backward_graphs = []
+    graphs = []
 
-    def record_backward(gm, example_inputs):
-        backward_graphs.append(gm)
+    def record(gm, example_inputs):
+        graphs.append(gm)
         return gm
 
     def backend(gm, example_inputs):
-        return aot_module_simplified(gm, example_inputs, fw_compiler=lambda g, _: g, bw_compiler=record_backward)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
 
     x = torch.randn(4, 64, requires_grad=True)
     w = torch.randn(32, 64, requires_grad=True)
@@ -136,7 +137,9 @@ def test_compiled_backward_keeps_the_mx_gemms_opaque():
                                              False, 1.0, torch.float32, "mx")
 
     torch.compile(f, backend=backend, fullgraph=True)(x, w).sum().backward()
-    (bw,) = backward_graphs
-    targets = [n.target for n in bw.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.mxrewrite.mx_grad_matmul.default) == 2  # grad_input and grad_weight
+    fw, bw = ([n.target for n in g.graph.nodes if n.op == "call_function"] for g in graphs)
+    gemm = torch.ops.mxrewrite.block_scaled_mm.default
+    assert fw.count(gemm) == 1 and torch.ops.mxrewrite.mx_linear.default not in fw
+    assert torch.ops.aten.amax.default in fw  # the weight cast, traced
+    assert bw.count(gemm) == 2  # grad_input and grad_weight
     assert x.grad is not None and w.grad is not None

@@ -65,6 +65,15 @@ def test_quantize_matrix_e5m2_and_floor():
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
+def test_quantize_matrix_of_a_transpose_is_contiguous(fmt):
+    """The GEMM kernels need K-contiguous operands; the backward casts transposed views."""
+    a, _ = operands(64, 8, 64)
+    m, ref = quantize_matrix(a.t(), fmt), quantize_matrix(a.t().contiguous(), fmt)
+    assert m.data.is_contiguous() and m.scales.is_contiguous()
+    assert torch.equal(m.data, ref.data) and torch.equal(m.scales, ref.scales)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
 @pytest.mark.parametrize("shape", [(16, 8, 64), (33, 17, 256), (1, 5, 32)], ids=str)
 def test_emulated_mm_is_exact_products_with_float32_accumulation(fmt, shape):
     m, n, k = shape

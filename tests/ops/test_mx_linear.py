@@ -357,11 +357,14 @@ def test_opcheck(fmt, grad_cast):
     torch.library.opcheck(mx_linear.default, args)
 
 
-def test_mx_grad_matmul_opcheck():
-    from mxrewrite.ops.mx_linear import mx_grad_matmul
+def test_block_scaled_mm_op_opcheck():
+    from mxrewrite.ops.matmul import block_scaled_mm, mx_matmul, quantize_matrix
 
-    grad, other = torch.randn(40, 24), torch.randn(24, 64)  # reduction dim 24: padded to one block
-    torch.library.opcheck(torch.ops.mxrewrite.mx_grad_matmul.default, (grad, other, "rceil"))
-    out = mx_grad_matmul(grad, other, "rceil")
-    assert out.shape == (40, 64) and out.dtype == torch.float32
-    assert ((out - grad @ other).norm() / (grad @ other).norm()).item() < 0.15  # e5m2 x e4m3
+    a = quantize_matrix(torch.randn(40, 64), "mxfp8", elem_dtype=torch.float8_e5m2)
+    b = quantize_matrix(torch.randn(24, 64), "mxfp8")
+    args = (a.data, a.scales, a.tensor_scale, a.elem_dtype, b.data, b.scales, b.tensor_scale, b.elem_dtype,
+            "mxfp8", torch.bfloat16)
+    torch.library.opcheck(torch.ops.mxrewrite.block_scaled_mm.default, args)
+    out = mx_matmul(a, b, torch.bfloat16)
+    assert out.shape == (40, 24) and out.dtype == torch.bfloat16
+    assert torch.equal(out, block_scaled_mm(a, b).to(torch.bfloat16))

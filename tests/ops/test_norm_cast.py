@@ -252,6 +252,11 @@ def test_rms_norm_backward_is_rmsnorms_gradient():
     torch.testing.assert_close(dx.double(), x_ref.grad, rtol=1e-5, atol=1e-6)
     dx_bf16 = rms_norm_backward(grad.float(), x.bfloat16(), rho.float())
     assert dx_bf16.dtype == torch.bfloat16
+    gain = torch.randn(128, generator=g, dtype=torch.float64)
+    x_ref.grad = None
+    (F.rms_norm(x_ref, (128,), eps=eps) * gain).backward(grad)
+    dx = rms_norm_backward(grad.float(), x.float(), rho.float(), gain.float())
+    torch.testing.assert_close(dx.double(), x_ref.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("config", [dict(fmt="mxfp8", norm="mxnorm"), dict(fmt="nvfp4", norm="mxnorm", p=1),
@@ -272,3 +277,4 @@ def test_opcheck_rms_norm_backward():
     torch.library.opcheck(rms_norm_backward.default, (torch.randn(3, 64), x, x.square().mean(-1).rsqrt()))
     torch.library.opcheck(rms_norm_backward.default,
                           (torch.randn(2, 2, 32), torch.randn(2, 2, 32, dtype=torch.bfloat16), torch.rand(2, 2)))
+    torch.library.opcheck(rms_norm_backward.default, (torch.randn(3, 64), x, torch.rand(3), torch.randn(64)))

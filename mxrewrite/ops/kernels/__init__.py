@@ -5,6 +5,10 @@ Tests also run these kernels on CPU tensors through Triton's interpreter
 dispatch CUDA tensors here. ``MXREWRITE_KERNELS=reference`` makes the ops run
 the PyTorch reference on CUDA too (under torch.compile, Inductor then fuses
 those ops itself: the unfused baseline of ``benchmarks/bench_layer.py``).
+The switch acts when an op runs or is traced: a graph torch.compile has already
+compiled (or finds in Inductor's on-disk cache, keyed by the captured graph)
+keeps the kernels it was compiled with; set ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``
+when comparing the two.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def norm_cast_triton(x, gamma, **kwargs):
     return impl(x, gamma, **kwargs)
 
 
-def rms_norm_backward_triton(grad, x, rho):
+def rms_norm_backward_triton(grad, x, rho, gain=None):
     from mxrewrite.ops.kernels.norm_backward import rms_norm_backward_triton as impl
 
-    return impl(grad, x, rho)
+    return impl(grad, x, rho, gain)

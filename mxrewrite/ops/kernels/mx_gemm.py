@@ -347,7 +347,7 @@ def _store_output(c_ptr, acc, tensor_scale_ptr, pid_m, pid_n, M, N, stride_cm,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc, mask=mask)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -474,8 +474,10 @@ def _check_operands(a: BlockScaledMatrix, b: BlockScaledMatrix) -> tuple[int, in
 
 
 def triton_block_scaled_mm(a: BlockScaledMatrix, b: BlockScaledMatrix, *, method: str | None = None,
-                           config: TileConfig | None = None) -> torch.Tensor:
-    """``A @ B.T`` in float32 for ``A`` ``(M, K)`` and ``B`` ``(N, K)`` block-scaled along K.
+                           config: TileConfig | None = None,
+                           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``A @ B.T`` for ``A`` ``(M, K)`` and ``B`` ``(N, K)`` block-scaled along K, accumulated in float32
+    and rounded once to ``out_dtype`` (float32, bfloat16 or float16).
 
     ``method`` picks ``"dequant"`` (the fused kernel), ``"dot_scaled"`` (MX only;
     NVFP4 falls back to ``"dequant"``) or ``"materialize"`` (:func:`triton_dequantize`
@@ -490,15 +492,20 @@ def triton_block_scaled_mm(a: BlockScaledMatrix, b: BlockScaledMatrix, *, method
         raise ConfigError(f"unknown MX GEMM method {method!r}; use one of {METHODS}")
     if a.spec.tensor_scale and method == "dot_scaled":
         method = "dequant"
-    out = torch.empty((M, N), dtype=torch.float32, device=a.data.device)
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UnsupportedDtypeError.for_dtype(out_dtype, (torch.float32, torch.bfloat16, torch.float16),
+                                              "MX GEMM output")
+    out = torch.empty((M, N), dtype=out_dtype, device=a.data.device)
     if M == 0 or N == 0:
         return out
     if K == 0:
         return out.zero_()
     tensor_scale = (a.tensor_scale.float() * b.tensor_scale.float()).reshape(1)
     if method == "materialize":
-        out = _mm_float32(triton_dequantize(a), triton_dequantize(b).t())
-        return out.mul_(tensor_scale) if a.spec.tensor_scale else out
+        if a.spec.tensor_scale:
+            out = _mm_out(triton_dequantize(a), triton_dequantize(b).t(), torch.float32)
+            return out.mul_(tensor_scale).to(out_dtype)
+        return _mm_out(triton_dequantize(a), triton_dequantize(b).t(), out_dtype)
     a_elem, b_elem = _ELEM_CODES[a.elem_dtype], _ELEM_CODES[b.elem_dtype]
     args = (a.data, a.scales, b.data, b.scales, out, tensor_scale, M, N, K, triton.next_power_of_2(M),
             a.data.stride(0), a.scales.stride(0), b.data.stride(0), b.scales.stride(0), out.stride(0))
@@ -534,14 +541,17 @@ def last_tuned_config(method: str = DEFAULT_MX_METHOD) -> TileConfig | None:
     return TileConfig(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], cfg.num_stages, cfg.num_warps)
 
 
-def _mm_float32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x @ y`` with a float32 result; bfloat16 inputs on CUDA go through cuBLAS's float32-output GEMM."""
-    if x.dtype == torch.float32:
+def _mm_out(x: torch.Tensor, y: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x @ y`` accumulated in float32 and written once in ``out_dtype`` (cuBLAS's float32-output
+    GEMM for bfloat16 inputs: no float32 copy of a bfloat16 result)."""
+    if x.dtype == out_dtype:
         return x @ y
+    if x.dtype == torch.float32:
+        return (x @ y).to(out_dtype)
     try:
-        return torch.mm(x, y, out_dtype=torch.float32)
+        return torch.mm(x, y, out_dtype=torch.float32).to(out_dtype)
     except (TypeError, NotImplementedError):  # a torch without the float32-output overload
-        return (x @ y).float()
+        return (x @ y).to(out_dtype)
 
 
 def triton_dequantize(m: BlockScaledMatrix) -> torch.Tensor:

@@ -136,7 +136,7 @@ def test_mx_linear_forward_runs_the_chosen_gemm(monkeypatch):
 
     calls = []
 
-    def spy(a, b):
+    def spy(a, b, out_dtype):
         calls.append((a.elem_dtype, b.elem_dtype, a.rows, b.rows))
         return matmul._emulated_mm(a, b)
 
