@@ -1,34 +1,14 @@
-"""Stage 2: find the RMSNorm computations of a captured aten graph, however they are written.
+"""The structural step, and the stage's driver: find every candidate RMSNorm of a graph and confirm it.
 
-RMSNorm over the last dim of ``x`` (``D`` elements per row) is
-
-    y = x * rho * (gamma + offset),   rho = 1 / sqrt(mean(x**2) + eps)      (eps in the root)
-                                      rho = 1 / (sqrt(mean(x**2)) + eps)    (eps outside)
-
-with ``offset`` 1 for Gemma's ``(1 + weight)`` and 0 otherwise, casts anywhere.
-
-Matching is two steps. The *structural* step is loose: it starts from every
-``aten.rms_norm`` / ``aten._fused_rms_norm`` and from every reduction that can
-measure a row's size (mean or sum of ``x*x`` / ``x**2`` / ``x.square()``,
-``linalg_vector_norm``), follows the per-row statistic through scalar
-arithmetic, roots, casts and reshapes to the op that multiplies or divides the
-same ``x`` by it, and extends that result through casts and one gain multiply.
-It reads ``eps`` (a literal or a 0-d buffer) and whether it sits inside the root
-from the positions of the ops (tracking the statistic's power of ``|x|``).
-
-The *numerical* step confirms every structural candidate: the candidate's
-subgraph is run on random rows whose mean square spans several decades,
-including rows where ``mean(x**2) ~ eps`` (where eps inside and outside the root
-differ by ~40%), with a random gain, and compared with the formula above. A
-false positive silently changes a model, so anything that does not agree within
-the tolerance of its dtype is rejected, with the reason.
-
-Never matched (rejected with a reason when they look like a norm):
-mean-subtracting norms (LayerNorm, ``x - mean`` before the root mean square),
-L2 normalisation (``F.normalize``: unit L2 norm, no ``1/sqrt(D)``), reductions
-over a dim other than the last, clamped statistics, gains that depend on
-another activation. Higher-order-op subgraphs (``torch.cond``, ``no_grad``
-regions) are not searched.
+It starts from every ``aten.rms_norm`` / ``aten._fused_rms_norm`` and from every
+reduction that can measure a row's size (mean or sum of ``x*x`` / ``x**2`` /
+``x.square()``, ``linalg_vector_norm``), follows the per-row statistic through
+scalar arithmetic, roots, casts and reshapes to the op that multiplies or
+divides the same ``x`` by it, and extends that result through casts and one gain
+multiply. It reads ``eps`` (a literal or a 0-d buffer) and whether it sits
+inside the root from the positions of the ops (tracking the statistic's power of
+``|x|``). The walk is deliberately loose: every candidate it finds then goes
+through :mod:`~mxrewrite.passes.match.confirm` before it counts as a match.
 """
 
 from __future__ import annotations
@@ -37,55 +17,47 @@ import logging
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import has_free_symbols, is_concrete_int
 
-__all__ = ["NormMatch", "RejectedCandidate", "find_rms_norms"]
+from mxrewrite.passes.match.candidates import NormMatch, RejectedCandidate, _Candidate, _Reject, _Skip
+from mxrewrite.passes.match.confirm import _NumericCheck
+from mxrewrite.passes.match.evaluate import _evaluate, _Unevaluable
+from mxrewrite.passes.match.fx_utils import (
+    _ASSERTS,
+    _CASTS,
+    _CLAMPS,
+    _LAYER_NORMS,
+    _PASSTHROUGH,
+    _REDUCE_SQUARES,
+    _RMS_NORMS,
+    _ROOTS,
+    _SHAPE,
+    _VARIANCES,
+    _VECTOR_NORMS,
+    _arg,
+    _equivalent,
+    _fetch_attr,
+    _is,
+    _is_inplace,
+    _is_tensor_node,
+    _is_tensor_valued,
+    _packet,
+    _real_users,
+    _scope,
+    _short,
+    _val,
+    _value_chain,
+    _value_inputs,
+)
+
+__all__ = ["find_rms_norms"]
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
-
-# the largest input the numerical check will build when it must use the traced example shape
-_MAX_CHECK_ELEMENTS = 1 << 22
-
-
-@dataclass(frozen=True)
-class NormMatch:
-    """One confirmed RMSNorm computation.
-
-    ``nodes`` are the tensor-valued nodes computing the norm from ``input`` to
-    ``output`` (inclusive of ``output``), plus the ``aten._assert_tensor_metadata``
-    checks hanging off them; it excludes ``input``, get_attr nodes and nodes
-    computed only from parameters/constants (such as ``1 + weight``). Intermediate
-    nodes may have users outside the norm (e.g. an ``rsqrt`` reused elsewhere):
-    replace the uses of ``output``, then erase the nodes left without users.
-    ``input`` is the value before any cast the norm applies; a same-dtype no-op
-    cast between it and the norm that other code also reads is skipped, not
-    included. ``eps`` from a buffer is that buffer's value (float32-rounded).
-    """
-
-    name: str                  # the norm module's qualified name if the norm is exactly its computation, else output.name
-    input: fx.Node             # x, the activation being normalised (before any cast the norm applies)
-    output: fx.Node            # node whose value is the norm's final output (after gain and final cast)
-    nodes: tuple[fx.Node, ...]
-    eps: float
-    eps_in_root: bool          # sqrt(mean + eps) (True) vs sqrt(mean) + eps (False)
-    gamma: fx.Node | None      # the gain tensor: a get_attr of the parameter, or a node computed only from parameters
-    gamma_offset: float        # 1.0 for Gemma-style (1 + weight), else 0.0
-    hidden_size: int
-    spelling: str              # short description of the form found, e.g. "aten.rms_norm", "pow-mean-rsqrt-mul"
-
-
-@dataclass(frozen=True)
-class RejectedCandidate:
-    """Something that looked like a norm but is not an RMSNorm over the last dim (or could not be confirmed)."""
-
-    name: str
-    node: fx.Node
-    reason: str
 
 
 def find_rms_norms(gm: fx.GraphModule) -> tuple[list[NormMatch], list[RejectedCandidate]]:
@@ -93,116 +65,18 @@ def find_rms_norms(gm: fx.GraphModule) -> tuple[list[NormMatch], list[RejectedCa
     return _Matcher(gm).run()
 
 
-# ---------------------------------------------------------------------------
-# op tables
-
-def _packets(*ops: Any) -> frozenset:
-    return frozenset(ops)
-
-
-_CASTS = _packets(aten.to, aten._to_copy, aten.type_as, torch.ops.prims.convert_element_type)
-_PASSTHROUGH = _CASTS | _packets(aten.clone, aten.contiguous, aten.alias)
-_SHAPE = _packets(aten.unsqueeze, aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.expand_as,
-                  aten.squeeze)
-_ROOTS = {aten.sqrt: 0.5, aten.rsqrt: -0.5, aten.reciprocal: -1.0}
-_CLAMPS = _packets(aten.clamp_min, aten.clamp, aten.maximum, aten.clamp_max, aten.minimum)
-_REDUCE_SQUARES = _packets(aten.mean, aten.sum)
-_VECTOR_NORMS = _packets(aten.linalg_vector_norm, aten.norm)
-_VARIANCES = _packets(aten.var, aten.var_mean, aten.std)
-_LAYER_NORMS = _packets(aten.layer_norm, aten.native_layer_norm)
-_RMS_NORMS = _packets(aten.rms_norm, aten._fused_rms_norm)
-_ASSERTS = _packets(aten._assert_tensor_metadata)
-
-
-# in-place variants export may leave in the graph (``v.add_(eps).rsqrt_()``), read as their functional ops
-_INPLACE = {getattr(aten, name + "_"): getattr(aten, name)
-            for name in ("add", "sub", "mul", "div", "pow", "sqrt", "rsqrt", "reciprocal", "clamp_min", "clamp",
-                         "square") if hasattr(aten, name + "_")}
-
-
-def _packet(node: fx.Node) -> Any:
-    if node.op != "call_function":
-        return None
-    packet = getattr(node.target, "overloadpacket", node.target)
-    return _INPLACE.get(packet, packet)
-
-
-def _is_inplace(node: fx.Node) -> bool:
-    return node.op == "call_function" and getattr(node.target, "overloadpacket", None) in _INPLACE
-
-
-def _is(node: Any, ops: Iterable) -> bool:
-    return isinstance(node, fx.Node) and _packet(node) in ops
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def _is_tensor_node(node: Any) -> bool:
-    return isinstance(_val(node), torch.Tensor)
-
-
-def _is_tensor_valued(node: Any) -> bool:
-    """A tensor, or a tuple of tensors (a multi-output op such as _fused_rms_norm)."""
-    val = _val(node)
-    return isinstance(val, torch.Tensor) or (isinstance(val, (tuple, list)) and len(val) > 0
-                                             and all(isinstance(v, torch.Tensor) for v in val))
-
-
-def _real_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if not _is(u, _ASSERTS)]
-
-
-def _scope(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    return path if isinstance(path, str) else None
-
-
-class _Reject(Exception):
-    """A structural candidate that is not an RMSNorm; the message is the reason for the report."""
-
-
-class _Skip(Exception):
-    """Not a candidate at all (e.g. a mean of squares used for something else)."""
-
-
-class _Unevaluable(Exception):
-    """The candidate subgraph needs values other than its input, parameters and constants."""
-
-
 @dataclass
 class _Stat:
     """What the structural walk learnt about the per-row statistic on its way to the combining op."""
 
     power: float               # the statistic as a power of |x| (2 for mean(x^2), -1 for rho)
-    eps: list                  # (value, power at which it was added)
+    eps: list                  # (value, power at which it was added, the node holding it)
     ops: list                  # spelling pieces
     clamped: bool = False
 
 
-@dataclass
-class _Candidate:
-    """A structural match, before its output is extended and it is checked numerically."""
-
-    core: fx.Node              # the node computing x * rho (before gain/casts outside it)
-    x_side: fx.Node            # the x operand at the core op
-    reduced: fx.Node | None    # the operand of the square (decomposed forms)
-    eps: float
-    eps_in_root: bool
-    gamma: fx.Node | None = None
-    gamma_offset: float = 0.0
-    spelling: str = ""
-    clamped: bool = False      # the statistic goes through max(., c): never an RMSNorm, but say why precisely
+def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # ---------------------------------------------------------------------------
@@ -664,223 +538,3 @@ class _Matcher:
     def _name_for(self, node: fx.Node) -> str:
         path = _scope(node)
         return path if path else node.name
-
-
-# ---------------------------------------------------------------------------
-# graph-value helpers
-
-def _value_chain(node: fx.Node) -> list[fx.Node]:
-    """node, then what it is a cast/copy of, and so on."""
-    chain = [node]
-    while _is(node, _PASSTHROUGH) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-        chain.append(node)
-    return chain
-
-
-def _value_inputs(node: fx.Node) -> list[fx.Node]:
-    """Input nodes whose values (not only dtype/shape) the node reads."""
-    if _packet(node) in (aten.type_as, aten.expand_as) or node.target is aten.to.other:
-        return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
-    return node.all_input_nodes
-
-
-def _equivalent(a: Any, b: Any, depth: int = 4) -> bool:
-    """Two nodes computing the same op on equivalent arguments (what CSE would merge), a few levels deep."""
-    if a is b:
-        return True
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_equivalent(x, y, depth) for x, y in zip(a, b))
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-        return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and type(a) is type(b) and a == b
-    if depth == 0 or not (a.op == b.op == "call_function" and a.target == b.target):
-        return False
-    if "rand" in str(a.target) or "bernoulli" in str(a.target) or "dropout" in str(a.target):
-        return False
-    return (_equivalent(a.args, b.args, depth - 1) and a.kwargs.keys() == b.kwargs.keys()
-            and all(_equivalent(a.kwargs[k], b.kwargs[k], depth - 1) for k in a.kwargs))
-
-
-def _short(node: fx.Node) -> str:
-    packet = _packet(node)
-    return getattr(packet, "__name__", str(packet))
-
-
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _hint(value: Any) -> Any:
-    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        hint = value.node.hint
-        if hint is None:
-            raise _Unevaluable(f"no example value for {value}")
-        return hint
-    return value
-
-
-def _evaluate(gm: fx.GraphModule, target: fx.Node, env: dict[fx.Node, Any], *, hints: bool = False) -> Any:
-    """Value of ``target`` given ``env``; get_attr nodes are read from ``gm``; placeholders must be in ``env``.
-
-    With ``hints``, a non-tensor node that cannot be computed (a size of another
-    input) takes its example value from the trace.
-    """
-    stack = [target]
-    while stack:
-        node = stack[-1]
-        if node in env:
-            stack.pop()
-            continue
-        if node.op == "get_attr":
-            env[node] = _fetch_attr(gm, node.target)
-            stack.pop()
-            continue
-        if hints and not _is_tensor_node(node) and isinstance(node.meta.get("val"), (int, float, torch.SymInt,
-                                                                                     torch.SymFloat)):
-            env[node] = _hint(node.meta["val"])
-            stack.pop()
-            continue
-        if node.op != "call_function":
-            raise _Unevaluable(f"needs the value of {node.name}")
-        missing = [i for i in node.all_input_nodes if i not in env]
-        if missing:
-            stack.extend(missing)
-            continue
-        stack.pop()
-        if _is(node, _ASSERTS):
-            env[node] = None
-            continue
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        env[node] = node.target(*args, **kwargs)
-    return env[target]
-
-
-# ---------------------------------------------------------------------------
-# numerical confirmation
-
-class _NumericCheck:
-    """Run the candidate on rows of chosen mean square and compare with the RMSNorm formula."""
-
-    GENERIC_SCALES = (1e-2, 1.0, 1e2, 1e4)
-
-    def __init__(self, gm: fx.GraphModule, x: fx.Node, output: fx.Node, nodes: set[fx.Node], cand: _Candidate,
-                 hidden: int):
-        self.gm, self.x, self.output, self.nodes, self.cand, self.hidden = gm, x, output, nodes, cand, hidden
-        self.in_dtype = _val(x).dtype
-        dtypes = [self.in_dtype] + [_val(n).dtype for n in nodes if _is_tensor_node(n)]
-        floats = [d for d in dtypes if d.is_floating_point] or [torch.float32]
-        self.compute_dtype = max(floats, key=lambda d: torch.finfo(d).eps)
-        self.rtol = max(1e-5, 4 * torch.finfo(self.compute_dtype).eps)
-
-    def run(self) -> None:
-        if not self.in_dtype.is_floating_point:
-            raise _Reject(f"normalises a {self.in_dtype} tensor")
-        generator = torch.Generator().manual_seed(0)
-        for use_hints in (False, True):
-            try:
-                shape = self._shape(use_hints)
-                self._check_all(shape, generator, use_hints)
-                return
-            except _Unevaluable as exc:
-                if use_hints:
-                    raise _Reject(f"depends on another activation ({exc})") from None
-            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                if use_hints:
-                    raise _Reject(f"numerical check could not run the candidate: {str(exc).splitlines()[0]}") from None
-
-    def _shape(self, use_hints: bool) -> list[int]:
-        val = _val(self.x)
-        if use_hints:
-            shape = [int(_hint(s)) for s in val.shape]
-            if math.prod(shape) > _MAX_CHECK_ELEMENTS:
-                raise _Reject(f"numerical check needs the traced input shape {shape}, too large to check")
-            return shape
-        small = [2, 3, 5, 2, 3]
-        return [small[i % len(small)] for i in range(val.dim() - 1)] + [self.hidden]
-
-    def _scales(self) -> list[float]:
-        eps, in_root = self.cand.eps, self.cand.eps_in_root
-        scales = list(self.GENERIC_SCALES)
-        if eps > 0:
-            around = [eps / 4, eps, 4 * eps] if in_root else [(eps / 4) ** 2, eps ** 2, (4 * eps) ** 2]
-            scales = around + scales
-        else:
-            scales = [1e-8] + scales
-        if self.in_dtype == torch.float16:   # keep x and x*x representable
-            scales = [s for s in scales if 1e-7 <= s <= 1e2]
-        return scales
-
-    def _check_all(self, shape: list[int], generator: torch.Generator, use_hints: bool) -> None:
-        gamma_value = self._random_gamma(generator)
-        worst = (0.0, None)
-        largest = None
-        for scale in self._scales():
-            x = self._rows(shape, scale, generator)
-            ref = self._reference(x, gamma_value)
-            env: dict[fx.Node, Any] = {self.x: x.clone()}
-            if self.cand.gamma is not None:
-                env[self.cand.gamma] = gamma_value.clone()
-            with torch.no_grad():
-                y = _evaluate(self.gm, self.output, env, hints=use_hints)
-            if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-                raise _Reject(f"output shape {getattr(y, 'shape', None)} differs from the input's {tuple(x.shape)}")
-            err = self._row_error(y, ref)
-            if err > worst[0] or not math.isfinite(err):
-                worst = (err, scale)
-            largest = (y, ref)
-        if worst[0] <= self.rtol and math.isfinite(worst[0]):
-            return
-        y, ref = largest
-        ratio = (y.double() / ref).flatten()
-        ratio = ratio[torch.isfinite(ratio)]
-        if ratio.numel():
-            c = ratio.abs().median().item()
-            if math.isclose(c, 1 / math.sqrt(self.hidden), rel_tol=0.05) and self.hidden > 1:
-                raise _Reject("L2 normalisation (unit L2 norm per row, as F.normalize), not RMS")
-        raise _Reject(f"numerical check failed: relative error {worst[0]:.3g} at mean(x^2) = {worst[1]:.3g} "
-                      f"(tolerance {self.rtol:.1g}) against RMSNorm with eps={self.cand.eps:g}"
-                      f"{'' if self.cand.eps_in_root else ' outside the root'}")
-
-    def _random_gamma(self, generator: torch.Generator) -> torch.Tensor | None:
-        if self.cand.gamma is None:
-            return None
-        val = _val(self.cand.gamma)
-        shape = [int(_hint(s)) for s in val.shape]
-        magnitude = 0.5 + torch.rand(shape, generator=generator, dtype=torch.float64)
-        sign = torch.where(torch.rand(shape, generator=generator) < 0.2, -1.0, 1.0).double()
-        return (magnitude * sign - self.cand.gamma_offset).to(val.dtype)
-
-    def _rows(self, shape: list[int], scale: float, generator: torch.Generator) -> torch.Tensor:
-        z = torch.randn(shape, generator=generator, dtype=torch.float64)
-        z = z / z.square().mean(-1, keepdim=True).sqrt()
-        spread = torch.exp(torch.empty(shape[:-1] + [1], dtype=torch.float64).uniform_(
-            math.log(0.5), math.log(2.0), generator=generator))
-        return (z * (scale * spread).sqrt()).to(self.in_dtype)
-
-    def _reference(self, x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-        xd = x.double()
-        ms = xd.square().mean(-1, keepdim=True)
-        eps = self.cand.eps
-        r = (ms + eps).sqrt() if self.cand.eps_in_root else ms.sqrt() + eps
-        y = xd / r
-        if gamma is not None:
-            y = y * (gamma.double().reshape(-1) + self.cand.gamma_offset)
-        return y
-
-    @staticmethod
-    def _row_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-        diff = (y.double() - ref).flatten(0, -2) if ref.dim() > 1 else (y.double() - ref)[None]
-        base = ref.flatten(0, -2) if ref.dim() > 1 else ref[None]
-        num = diff.square().sum(-1).sqrt()
-        den = base.square().sum(-1).sqrt().clamp_min(1e-300)
-        err = (num / den).max().item()
-        return err if math.isfinite(err) else math.inf
-
