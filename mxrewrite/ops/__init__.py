@@ -18,11 +18,14 @@ from __future__ import annotations
 import torch
 
 from mxrewrite.formats import FormatSpec, get_format
+from mxrewrite.ops.compile_cache import tag_compile_caches
 from mxrewrite.ops.mx_linear import GRAD_CASTS, mx_linear
 from mxrewrite.ops.norm_backward import rms_norm_backward
 from mxrewrite.ops.mxnorm_constants import gaussian_correction
 from mxrewrite.ops.norm_cast import norm_cast
 from mxrewrite.ops.reference import NORMS
+
+tag_compile_caches()
 
 
 def typed_views(fmt: str | FormatSpec, data: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
