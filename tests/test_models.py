@@ -158,7 +158,7 @@ def test_gpu_inductor_model_runs_our_kernels(fmt):
 
     Inductor rounds the bfloat16 pointwise ops between the layers differently from eager (it keeps
     float32 inside a fused kernel), which moves a few cast inputs across a rounding boundary: a
-    step of e2m1 is a third of its value, so NVFP4 gets the looser bound."""
+    step of e2m1 is up to half its value, so NVFP4 gets the looser bound."""
     from torch._inductor.utils import run_and_get_code
 
     z = zoo.build("llama", dtype=torch.bfloat16)
