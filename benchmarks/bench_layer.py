@@ -181,14 +181,14 @@ def main() -> None:
                 out = compiled(x).float()
             outputs[name] = out
             ms = triton.testing.do_bench(step, warmup=200, rep=2000, return_mode="median")
-            per_cat, top = profile_step(step)
+            per_cat, per_kernel = profile_step(step)
         layer.zero_grad(set_to_none=True)
         rel = ((out - reference).norm() / reference.norm()).item()
         total = sum(per_cat.values())
-        results.append(dict(arm=name, ms=ms, rel_err_vs_bf16=rel, gpu_ms=total, categories=per_cat, kernels=top))
+        results.append(dict(arm=name, ms=ms, rel_err_vs_bf16=rel, gpu_ms=total, categories=per_cat, kernels=per_kernel))
         print(f"{name}: {ms:.3f} ms, GPU {total:.3f} ms: "
               + ", ".join(f"{cat} {t:.3f}" for cat, t in sorted(per_cat.items())), flush=True)
-        for kname, kms in top[:16]:
+        for kname, kms in per_kernel[:16]:
             print(f"    {kms:8.3f} ms  [{categorise(kname)}] {kname[:110]}")
 
     same_math = (outputs["rmsnorm+cast (fused kernel)"] - outputs["rmsnorm+cast (inductor)"]).norm() / \

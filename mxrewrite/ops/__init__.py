@@ -9,8 +9,10 @@
   GEMM of two block-scaled operands, opaque to torch.compile (``matmul.mx_matmul`` calls it).
 
 Each has a fake (meta) implementation for torch.compile / torch.export; the first
-three have an autograd formula (the GEMM's operands are raw bytes, it needs none). Data and scales travel between ops as raw uint8 bytes; view
-them with :func:`typed_views`.
+three have an autograd formula (the GEMM's operands are raw bytes, it needs none).
+Data and scales travel between ops as raw uint8 bytes; view them with
+:func:`typed_views`. Importing the ops ties torch.compile's caches to their
+sources (:mod:`mxrewrite.ops.compile_cache`).
 """
 
 from __future__ import annotations
