@@ -190,6 +190,12 @@ def assert_codecs_match_reference(x: torch.Tensor, e4m3: torch.Tensor, e2m1: tor
 
 # ---------------------------------------------------------------- plain python
 
+def check_each_edge_row(x, names, eps, device, **kwargs):
+    """Every edge row (``tests.helpers.edge_rows``) cast on its own: its edge case alone sets rho and the scales."""
+    for i, name in enumerate(names):
+        check_against_reference(x[i:i + 1].to(device), None, eps=eps, **kwargs,
+                                what=f"{kwargs['fmt']} {kwargs['norm']} p={kwargs['p']} {x.dtype} {name} eps={eps}")
+
 def test_block_runs_cover_each_block_once():
     for num_blocks in list(range(1, 80)) + [160, 448, 512, 896]:
         runs = block_runs(num_blocks)
@@ -253,9 +259,7 @@ if INTERPRETED:
         rows, names = edge_rows(64)
         x = rows.to(dtype)
         for eps in (1e-6, 0.0):
-            for i, name in enumerate(names):
-                check_against_reference(x[i:i + 1], None, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
-                                        eps=eps, what=f"{fmt} {norm} p={p} {dtype} {name} eps={eps}")
+            check_each_edge_row(x, names, eps, "cpu", fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root)
             # and all of them at once, with a gain
             check_against_reference(x, gain(64, dtype, 7), fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
                                     eps=eps, gamma_offset=1.0)
@@ -358,9 +362,7 @@ def test_gpu_edge_cases(fmt, norm, p, eps_in_root, dtype):
     rows, names = edge_rows(64)
     x = rows.to(dtype)
     for eps in (1e-6, 0.0):
-        for i, name in enumerate(names):
-            check_against_reference(x[i:i + 1].cuda(), None, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
-                                    eps=eps, what=f"{fmt} {norm} p={p} {dtype} {name} eps={eps}")
+        check_each_edge_row(x, names, eps, "cuda", fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root)
     # the edge rows tiled across a real hidden size, many rows
     big = torch.cat([x] * 32, dim=-1).repeat(7, 1).cuda()
     check_against_reference(big, None, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root)
