@@ -37,7 +37,8 @@ _F8E4M3_REBIAS = tl.constexpr(((7 - 127) << 23) + 0x7FFFF)  # new bias, plus hal
 # float4_e2m1 (mxrewrite.formats.e2m1)
 _F4E2M1_MAX = tl.constexpr(6.0)
 _E2M1_SIGN = tl.constexpr(8)
-_E2M1_MAGIC_BITS = tl.constexpr(149 << 23)  # float32 bits of 2**22: its ulp is e2m1's step 0.5
+
+_E2M1_GRID_BASE = tl.constexpr(8388608.0)  # 2**23, whose float32 ulp is 1
 
 
 @triton.jit
@@ -50,21 +51,10 @@ def to_float32(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def abs_max_blocks(x, axis: tl.constexpr):
-    """``max |x|`` along ``axis`` as float32, NaN if any element is NaN (like ``torch.amax``).
-
-    Works on the bit patterns: for non-negative floats the integer order is the
-    float order, and every NaN sorts above +inf.
-    """
-    abs_bits = x.to(tl.int32, bitcast=True) & _ABS_MASK
-    return tl.max(abs_bits, axis=axis).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def abs_max_bits_2d(x):
-    """Bits of ``max |x|`` over a whole 2-D tensor, as an int32 (NaN-propagating, see ``abs_max_blocks``)."""
-    abs_bits = x.to(tl.int32, bitcast=True) & _ABS_MASK
-    return tl.max(tl.max(abs_bits, axis=1), axis=0)
+def abs_bits(x):
+    """``|x|`` as int32 bit patterns: for non-negative floats the integer order is the float order and
+    every NaN sorts above +inf, so ``tl.max`` of them is ``torch.amax(x.abs())``, NaN included."""
+    return x.to(tl.int32, bitcast=True) & _ABS_MASK
 
 
 @triton.jit
@@ -144,19 +134,33 @@ def e4m3_decode_normal(code):
 
 
 @triton.jit
-def e2m1_encode_fast(y):
-    """float32 -> e2m1 code (int32): the code ``mxrewrite.formats.e2m1.e2m1_encode(clamp(y, -6, 6))`` gives
-    every non-NaN ``y`` (NaN gets an arbitrary code, as in the reference), in about half the
-    instructions of a port of its integer tricks.
+def nvfp4_block_scales(amax, tscale, tscale_inv, HW_FP8: tl.constexpr):
+    """The e4m3 code of each NVFP4 block scale and the factor that casts its block (int32, float32):
+    ``code = e4m3(clamp(amax / 6 / tscale, 2**-6, 448))``, ``factor = (1 / tscale) / decode(code)``,
+    with the IEEE divisions of :func:`mxrewrite.formats.nvfp4.nvfp4_quantize`."""
+    block_scale = clamp_keep_nan(tl.div_rn(tl.div_rn(amax, 6.0), tscale), 0.015625, _F8E4M3_MAX)
+    code = e4m3_encode(block_scale, HW_FP8).to(tl.int32)
+    return code, tl.div_rn(tscale_inv, e4m3_decode_normal(code))
 
-    ``|y|`` is rounded onto e2m1's grid by the float32 adder: adding ``2**22`` (``2**23``, ``2**24``)
-    leaves a float32 whose last bits count multiples of 0.5 below 2 (of 1 below 4, of 2 above), with
-    ties to even, which is e2m1's round to nearest even. The code is that count plus 0, 2 or 4.
+
+@triton.jit
+def e2m1_encode_fast(y):
+    """float32 -> int32 whose low four bits are the e2m1 code of ``y`` (the bits above are not zero):
+    the code ``mxrewrite.formats.e2m1.e2m1_encode(clamp(y, -6, 6))`` gives every non-NaN ``y`` (NaN
+    gets an arbitrary code, as in the reference). Callers keep the low nibble (pack, ``& 0xF``).
+
+    ``m = min(|y|, 6)`` is rounded onto e2m1's three grids by the float32 adder next to ``B = 2**23``,
+    whose ulp is 1: ``B + 2m`` rounds ``m`` to halves (the code below 2), ``B + 2 + m`` to integers
+    (the code between 2 and 4) and ``B + 4 + m / 2`` to even integers (above 4), each with ties to
+    even, as e2m1 rounds. The code is the smallest of the three (the map from value to code is
+    concave); checked against the reference for every float32 in [0, 6]. Mostly floating-point and
+    multiply-add instructions: on sm_90 the integer/logic pipe, half as wide, is what limits the
+    NVFP4 cast.
     """
-    bits = y.to(tl.int32, bitcast=True)
-    mag = tl.minimum((bits & _ABS_MASK).to(tl.float32, bitcast=True), _F4E2M1_MAX)
-    magic = tl.where(mag < 2.0, 4194304.0, tl.where(mag < 4.0, 8388608.0, 16777216.0))
-    magic_bits = magic.to(tl.int32, bitcast=True)
-    steps = (mag + magic).to(tl.int32, bitcast=True) - magic_bits
-    code = steps + ((magic_bits - _E2M1_MAGIC_BITS) >> 22)
-    return code | ((bits >> 28) & _E2M1_SIGN)
+    mag = tl.minimum(tl.abs(y), _F4E2M1_MAX)
+    halves = tl.fma(mag, 2.0, _E2M1_GRID_BASE).to(tl.int32, bitcast=True)
+    units = (mag + (_E2M1_GRID_BASE + 2.0)).to(tl.int32, bitcast=True)
+    twos = tl.fma(mag, 0.5, _E2M1_GRID_BASE + 4.0).to(tl.int32, bitcast=True)
+    code = tl.minimum(tl.minimum(halves, units), twos)
+    sign = tl.umulhi(y.to(tl.uint32, bitcast=True), 2).to(tl.int32)  # the sign bit, by a multiply
+    return code + sign * _E2M1_SIGN

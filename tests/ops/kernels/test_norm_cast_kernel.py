@@ -267,9 +267,11 @@ if INTERPRETED:
     @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
     @pytest.mark.parametrize("fmt", FORMATS)
     def test_interp_two_loop_variant(fmt, norm, p, eps_in_root):
-        """The chunked variant (two loops, the second re-reading the rows) gives the same bits."""
+        """The chunked variant (two loops, the second re-reading the rows) gives the same bits, as do blocks
+    loaded in two pieces."""
         for shape, cfg in [((5, 192), LaunchConfig(2, 4, 4)), ((3, 256), LaunchConfig(4, 4, 4)),
-                           ((2, 96), LaunchConfig(1, 4, 1))]:
+                           ((2, 96), LaunchConfig(1, 4, 1)), ((5, 192), LaunchConfig(2, 4, 2, block_split=2)),
+                           ((3, 256), LaunchConfig(2, 4, 0, block_split=2))]:
             x = random_rows(shape, torch.bfloat16, seed=shape[-1])
             for has_gamma, offset in GAINS:
                 gamma = gain(shape[-1], torch.float32, seed=3) if has_gamma else None
@@ -336,9 +338,10 @@ def test_gpu_hidden_sizes(hidden, fmt, norm, p, eps_in_root):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("hidden", (5120, 16384))
 def test_gpu_two_loop_variant_with_gain(hidden, fmt, norm, p, eps_in_root):
-    """The two-loop variant with a gain (the hidden-size tests cover it without one), and two rows a program."""
+    """The two-loop variant with a gain (the hidden-size tests cover it without one), two rows a program, and
+    whole blocks per thread in both variants."""
     x = gaussian_rows((301, hidden), torch.bfloat16, seed=hidden + 7, device="cuda")
-    for cfg in (LaunchConfig(2, 8, 32),):
+    for cfg in (LaunchConfig(2, 8, 32), LaunchConfig(1, 8, 32, block_split=2), LaunchConfig(1, 8, 0, block_split=2)):
         check_against_reference(x, gain(hidden, torch.bfloat16, 5, "cuda"), fmt=fmt, norm=norm, p=p,
                                 eps_in_root=eps_in_root, gamma_offset=1.0, launch_cfg=cfg)
 
