@@ -37,7 +37,6 @@ _F8E4M3_REBIAS = tl.constexpr(((7 - 127) << 23) + 0x7FFFF)  # new bias, plus hal
 # float4_e2m1 (mxrewrite.formats.e2m1)
 _F4E2M1_MAX = tl.constexpr(6.0)
 _E2M1_SIGN = tl.constexpr(8)
-
 _E2M1_GRID_BASE = tl.constexpr(8388608.0)  # 2**23, whose float32 ulp is 1
 
 
@@ -162,5 +161,5 @@ def e2m1_encode_fast(y):
     units = (mag + (_E2M1_GRID_BASE + 2.0)).to(tl.int32, bitcast=True)
     twos = tl.fma(mag, 0.5, _E2M1_GRID_BASE + 4.0).to(tl.int32, bitcast=True)
     code = tl.minimum(tl.minimum(halves, units), twos)
-    sign = tl.umulhi(y.to(tl.uint32, bitcast=True), 2).to(tl.int32)  # the sign bit, by a multiply
+    sign = (y.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
     return code + sign * _E2M1_SIGN
