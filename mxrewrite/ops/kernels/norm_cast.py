@@ -1,6 +1,6 @@
 """Fused norm + MXFP8/NVFP4 cast in one Triton kernel: one read of ``x`` from memory, one write of the cast.
 
-Each program owns ``ROWS`` whole rows, reduces them to the row's ``rho``
+Each program owns groups of ``ROWS`` whole rows, reduces them to the row's ``rho``
 (MXNorm from the block maxima, or the exact RMSNorm from the sum of squares)
 and casts ``x * rho`` (times the gain) block by block. Two variants
 (:func:`launch_config` picks one, as measured on the H100):
@@ -15,6 +15,11 @@ and casts ``x * rho`` (times the gain) block by block. Two variants
   lines (``evict_last``), the second's to drop them (``evict_first``); without
   the hints part of the re-read went to memory (MXFP8 16384 x 14336 on the
   H100: 88% of the bandwidth floor, 95% with them).
+
+A program may cast several groups of rows in turn (``LaunchConfig.row_groups``):
+NVFP4 with a gain takes the largest ``|gain|`` (its per-tensor scale) in every
+program, and doing that once for 8-16 groups took NVFP4 RMSNorm with a gain on
+the H100 from 63-69% to 71-82% of the bandwidth floor (65536 rows).
 
 A run of blocks is a ``[ROWS, SPLIT, NB, BLOCK // SPLIT]`` tensor (block ``k`` is
 ``[:, :, k, :]``). With ``SPLIT = 1`` Triton spreads a block over the threads
@@ -35,7 +40,7 @@ step for step, so data and scales are bit-identical:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -45,7 +50,6 @@ from mxrewrite.formats import get_format
 from mxrewrite.formats.nvfp4 import MIN_TENSOR_SCALE as _MIN_TENSOR_SCALE
 from mxrewrite.formats.nvfp4 import NVFP4_SCALE_RANGE
 from mxrewrite.ops.kernels.codecs import (
-    abs_bits,
     e2m1_encode_fast,
     e4m3_encode,
     e8m0_floor_exponent,
@@ -53,6 +57,7 @@ from mxrewrite.ops.kernels.codecs import (
     e8m0_rceil_exponent,
     e8m0_rceil_multiplier,
     nvfp4_block_scales,
+    nvfp4_tensor_scale_inverses,
     to_float32,
 )
 from mxrewrite.ops.kernels.launch import is_interpreted, launch
@@ -119,15 +124,9 @@ def _block_abs_max(x):
     """``max |x|`` of each block of a run, float32 ``[ROWS, NB]``, NaN if the block has one (``torch.amax``).
 
     One floating-point max (``|a|`` and ``|b|`` are operand modifiers) per element: the integer max of
-    the ``abs_bits`` took two integer instructions, and the integer pipe limits the NVFP4 cast on sm_90.
+    the bits of ``|x|`` took two integer instructions, and the integer pipe limits the NVFP4 cast on sm_90.
     """
     return tl.reduce(tl.reduce(tl.abs(x), 3, _max_keep_nan), 1, _max_keep_nan)
-
-
-@triton.jit
-def _abs_max_bits(gain):
-    """Bits of ``max |gain|`` over a whole ``[SPLIT, NB, BLOCK // SPLIT]`` run of the gain (int32)."""
-    return tl.max(tl.max(tl.max(abs_bits(gain), axis=2), axis=1), axis=0)
 
 
 @triton.jit
@@ -149,32 +148,45 @@ def _run_stat(x, NORM: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _load_gain(gamma_ptr, gamma_offset, START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr,
-               SPLIT: tl.constexpr, HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
-    """The gain ``gamma (+ offset)`` of one run of blocks, float32 ``[SPLIT, NB, BLOCK // SPLIT]``."""
+def _load_gain(gamma_ptr, START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+    """``gamma`` of one run of blocks in its own dtype, ``[SPLIT, NB, BLOCK // SPLIT]`` (zeros where masked);
+    :func:`_gain_value` makes the float32 gain of it."""
     offs = _run_offsets(START, NB, BLOCK, SPLIT)
     if VALID == NB:
-        gain = tl.load(gamma_ptr + offs)
+        return tl.load(gamma_ptr + offs)
     else:
-        gain = tl.load(gamma_ptr + offs, mask=(tl.arange(0, NB) < VALID)[None, :, None], other=0.0)
-    gain = to_float32(gain, INTERPRET)
+        return tl.load(gamma_ptr + offs, mask=(tl.arange(0, NB) < VALID)[None, :, None], other=0.0)
+
+
+@triton.jit
+def _gain_value(gamma, gamma_offset, HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
+    """The gain ``gamma (+ offset)`` in float32."""
+    gain = to_float32(gamma, INTERPRET)
     if HAS_OFFSET:
         gain = gain + gamma_offset
     return gain
 
 
 @triton.jit
-def _cast_run(x, rho, gain, tscale, tscale_inv, rows, row_mask, data_ptr, scales_ptr,
+def _gain_abs_max(gamma, gamma_offset, HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
+    """``max |gain|`` over a whole ``[SPLIT, NB, BLOCK // SPLIT]`` run of ``gamma``, NaN if it has one."""
+    gain = tl.abs(_gain_value(gamma, gamma_offset, HAS_OFFSET, INTERPRET))
+    return tl.reduce(tl.reduce(tl.reduce(gain, 2, _max_keep_nan), 1, _max_keep_nan), 0, _max_keep_nan)
+
+
+@triton.jit
+def _cast_run(x, rho, gamma, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr,
               START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
               HIDDEN: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr,
-              SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+              HAS_OFFSET: tl.constexpr, SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr,
+              INTERPRET: tl.constexpr):
     """Cast ``x * rho (* gain)`` for one run of blocks and store its data and block scales."""
     col = START + tl.arange(0, NB)
     block_mask = row_mask[:, None] & (tl.arange(0, NB) < VALID)[None, :]
     elem_mask = block_mask[:, None, :, None]
     xhat = x * rho[:, None, None, None]
     if HAS_GAMMA:
-        xhat = xhat * gain[None, :, :, :]
+        xhat = xhat * _gain_value(gamma, gamma_offset, HAS_OFFSET, INTERPRET)[None, :, :, :]
     # (not max|x| * rho: that misses the NaN of 0 * rho when rho is inf)
     amax = _block_abs_max(xhat)
 
@@ -199,10 +211,10 @@ def _cast_run(x, rho, gain, tscale, tscale_inv, rows, row_mask, data_ptr, scales
         tl.store(data_ptr + data_offs, codes, mask=elem_mask)
         tl.store(scales_ptr + scale_offs, biased.to(tl.uint8), mask=block_mask)
     else:
-        scale_code, factor = nvfp4_block_scales(amax, tscale, tscale_inv, HW_FP8)
+        scale_code, factor = nvfp4_block_scales(amax, tscale_rcp, tscale_inv, HW_FP8)
         codes = e2m1_encode_fast(xhat * factor[:, None, :, None])
         low, high = tl.split(tl.reshape(codes, (codes.shape[0], SPLIT, NB, BLOCK // SPLIT // 2, 2)))
-        packed = ((low | (high << 4)) & 0xFF).to(tl.uint8)
+        packed = (low + high * 16).to(tl.uint8)
         data_offs = (rows[:, None, None, None].to(tl.int64) * (HIDDEN // 2)
                      + _run_offsets(START, NB, BLOCK // 2, SPLIT)[None])
         tl.store(data_ptr + data_offs, packed, mask=elem_mask)
@@ -243,22 +255,104 @@ def _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN: tl
 
 
 @triton.jit
-def _tensor_scale(tscale_base, gain_max_bits, FMT: tl.constexpr, HAS_GAMMA: tl.constexpr):
+def _tensor_scale(tscale_base, gain_max, FMT: tl.constexpr, HAS_GAMMA: tl.constexpr):
     """The static per-tensor scale: ``base * max|gain|`` (NVFP4, at least 2**-120), else ``base``."""
     tscale = tscale_base
     if HAS_GAMMA:
         if FMT == 1:
             # (an all-zero gain would make the scale 0 and the cast 0 * (1 / 0) = NaN)
-            gain_max = gain_max_bits.to(tl.float32, bitcast=True)
             tscale = tl.maximum(tscale_base * gain_max, MIN_TENSOR_SCALE, propagate_nan=tl.PropagateNan.ALL)
     return tscale
+
+
+@triton.jit
+def _gain_max_chunked(gamma_ptr, gamma_offset, NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                      SPLIT: tl.constexpr, HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
+    """``max |gain|`` over the whole row, read in ``NUM_CHUNKS`` chunks of ``CHUNK`` blocks."""
+    gain_max = 0.0
+    for c in range(NUM_CHUNKS):
+        gc = _load_gain(gamma_ptr, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT)
+        gain_max = _max_keep_nan(gain_max, _gain_abs_max(gc, gamma_offset, HAS_OFFSET, INTERPRET))
+    return gain_max
+
+
+@triton.jit
+def _rows_in_registers(
+    x_ptr, data_ptr, scales_ptr, rows, row_mask, g0, g1, g2, gamma_offset, tscale_rcp, tscale_inv,
+    correction_hi, correction_lo, eps_hi, eps_lo, eps_f32,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+    N0: tl.constexpr, V0: tl.constexpr,
+    S1: tl.constexpr, N1: tl.constexpr, V1: tl.constexpr,
+    S2: tl.constexpr, N2: tl.constexpr, V2: tl.constexpr, SPLIT: tl.constexpr,
+    FMT: tl.constexpr, NORM: tl.constexpr, P: tl.constexpr, EPS_IN_ROOT: tl.constexpr,
+    SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Norm and cast of ``rows`` held in registers (up to three runs N0, N1, N2 of blocks); returns ``rho``."""
+    row_offs = rows.to(tl.int64) * HIDDEN
+    x0 = _load_run(x_ptr, row_offs, row_mask, 0, N0, V0, BLOCK, SPLIT, INTERPRET, "")
+    stat = _run_stat(x0, NORM, P)
+    if N1 > 0:
+        x1 = _load_run(x_ptr, row_offs, row_mask, S1, N1, V1, BLOCK, SPLIT, INTERPRET, "")
+        stat += _run_stat(x1, NORM, P)
+    if N2 > 0:
+        x2 = _load_run(x_ptr, row_offs, row_mask, S2, N2, V2, BLOCK, SPLIT, INTERPRET, "")
+        stat += _run_stat(x2, NORM, P)
+    rho = _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, NORM, P, EPS_IN_ROOT,
+               INTERPRET)
+    _cast_run(x0, rho, g0, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, 0, N0, V0,
+              BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
+              INTERPRET)
+    if N1 > 0:
+        _cast_run(x1, rho, g1, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, S1, N1, V1,
+                  BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
+                  INTERPRET)
+    if N2 > 0:
+        _cast_run(x2, rho, g2, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, S2, N2, V2,
+                  BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
+                  INTERPRET)
+    return rho
+
+
+@triton.jit
+def _rows_in_two_loops(
+    x_ptr, gamma_ptr, data_ptr, scales_ptr, rows, row_mask, gamma_offset, tscale_rcp, tscale_inv,
+    correction_hi, correction_lo, eps_hi, eps_lo, eps_f32,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+    FMT: tl.constexpr, NORM: tl.constexpr, P: tl.constexpr, EPS_IN_ROOT: tl.constexpr,
+    SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Norm and cast of ``rows`` in chunks of ``CHUNK`` blocks: a loop for the statistic, a second one that
+    re-reads the chunks (from L2) and casts them; returns ``rho``."""
+    NUM_CHUNKS: tl.constexpr = HIDDEN // (BLOCK * CHUNK)
+    row_offs = rows.to(tl.int64) * HIDDEN
+    # per-block partial sums, reduced across the row once after the loop (no barrier per chunk)
+    if NORM == 0:
+        partial = tl.zeros((ROWS, CHUNK), tl.float64)
+    else:
+        partial = tl.zeros((ROWS, CHUNK), tl.float32)
+    for c in range(NUM_CHUNKS):
+        xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, INTERPRET, "evict_last")
+        partial += _block_stat(xc, NORM, P)
+    rho = _rho(tl.sum(partial, axis=1), correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK,
+               NORM, P, EPS_IN_ROOT, INTERPRET)
+    for c in range(NUM_CHUNKS):
+        xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, INTERPRET, "evict_first")
+        gc = 0.0
+        if HAS_GAMMA:
+            gc = _load_gain(gamma_ptr, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT)
+        _cast_run(xc, rho, gc, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr,
+                  c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE,
+                  SWIZZLE_COL_TILES, HW_FP8, INTERPRET)
+    return rho
 
 
 @triton.jit
 def _norm_cast_kernel(
     x_ptr, gamma_ptr, data_ptr, scales_ptr, rho_ptr, tscale_ptr,
     n_rows, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, gamma_offset, tscale_base,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ROW_GROUPS: tl.constexpr,
     N0: tl.constexpr, V0: tl.constexpr,
     S1: tl.constexpr, N1: tl.constexpr, V1: tl.constexpr,
     S2: tl.constexpr, N2: tl.constexpr, V2: tl.constexpr,
@@ -267,85 +361,53 @@ def _norm_cast_kernel(
     SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_OFFSET: tl.constexpr,
     SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """``CHUNK == 0``: the rows stay in registers between the reduction and the cast (in up to three
-    runs N0, N1, N2 of blocks). ``CHUNK > 0``: two loops over chunks of ``CHUNK`` blocks, the second
-    re-reading the rows the first just read (from L2): fewer registers, more rows in flight."""
+    """Each program casts ``ROW_GROUPS`` groups of ``ROWS`` rows, one group after the other, after reading
+    the gain and setting the per-tensor scale once. ``CHUNK == 0``: the rows stay in registers between
+    the reduction and the cast (and so does the gain); ``CHUNK > 0``: two loops over chunks of ``CHUNK``
+    blocks, the second re-reading the rows the first just read (from L2): fewer registers, more rows in
+    flight."""
     # float scalars arrive as float32 from Triton's launcher but may arrive as float64 from Inductor
     eps_f32 = tl.cast(eps_f32, tl.float32)
     gamma_offset = tl.cast(gamma_offset, tl.float32)
     tscale_base = tl.cast(tscale_base, tl.float32)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < n_rows
-    row_offs = rows.to(tl.int64) * HIDDEN
 
-    if CHUNK == 0:
-        x0 = _load_run(x_ptr, row_offs, row_mask, 0, N0, V0, BLOCK, SPLIT, INTERPRET, "")
-        stat = _run_stat(x0, NORM, P)
-        if N1 > 0:
-            x1 = _load_run(x_ptr, row_offs, row_mask, S1, N1, V1, BLOCK, SPLIT, INTERPRET, "")
-            stat += _run_stat(x1, NORM, P)
-        if N2 > 0:
-            x2 = _load_run(x_ptr, row_offs, row_mask, S2, N2, V2, BLOCK, SPLIT, INTERPRET, "")
-            stat += _run_stat(x2, NORM, P)
-        rho = _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, NORM, P, EPS_IN_ROOT,
-                   INTERPRET)
-
-        # the gain, and the static per-tensor scale (NVFP4) that its largest magnitude sets
-        g0 = 0.0
-        g1 = 0.0
-        g2 = 0.0
-        gain_max_bits = 0
-        if HAS_GAMMA:
-            g0 = _load_gain(gamma_ptr, gamma_offset, 0, N0, V0, BLOCK, SPLIT, HAS_OFFSET, INTERPRET)
-            gain_max_bits = _abs_max_bits(g0)
+    # the gain, and the static per-tensor scale (NVFP4) that its largest magnitude sets
+    g0 = 0.0
+    g1 = 0.0
+    g2 = 0.0
+    gain_max = 0.0
+    if HAS_GAMMA:
+        if CHUNK == 0:
+            g0 = _load_gain(gamma_ptr, 0, N0, V0, BLOCK, SPLIT)
+            gain_max = _gain_abs_max(g0, gamma_offset, HAS_OFFSET, INTERPRET)
             if N1 > 0:
-                g1 = _load_gain(gamma_ptr, gamma_offset, S1, N1, V1, BLOCK, SPLIT, HAS_OFFSET, INTERPRET)
-                gain_max_bits = tl.maximum(gain_max_bits, _abs_max_bits(g1))
+                g1 = _load_gain(gamma_ptr, S1, N1, V1, BLOCK, SPLIT)
+                gain_max = _max_keep_nan(gain_max, _gain_abs_max(g1, gamma_offset, HAS_OFFSET, INTERPRET))
             if N2 > 0:
-                g2 = _load_gain(gamma_ptr, gamma_offset, S2, N2, V2, BLOCK, SPLIT, HAS_OFFSET, INTERPRET)
-                gain_max_bits = tl.maximum(gain_max_bits, _abs_max_bits(g2))
-        tscale = _tensor_scale(tscale_base, gain_max_bits, FMT, HAS_GAMMA)
-        tscale_inv = tl.div_rn(1.0, tscale)
+                g2 = _load_gain(gamma_ptr, S2, N2, V2, BLOCK, SPLIT)
+                gain_max = _max_keep_nan(gain_max, _gain_abs_max(g2, gamma_offset, HAS_OFFSET, INTERPRET))
+        elif FMT == 1:
+            gain_max = _gain_max_chunked(gamma_ptr, gamma_offset, HIDDEN // (BLOCK * CHUNK), CHUNK, BLOCK, SPLIT,
+                                         HAS_OFFSET, INTERPRET)
+    tscale = _tensor_scale(tscale_base, gain_max, FMT, HAS_GAMMA)
+    tscale_rcp, tscale_inv = nvfp4_tensor_scale_inverses(tscale)
 
-        _cast_run(x0, rho, g0, tscale, tscale_inv, rows, row_mask, data_ptr, scales_ptr, 0, N0, V0, BLOCK, SPLIT,
-                  HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
-        if N1 > 0:
-            _cast_run(x1, rho, g1, tscale, tscale_inv, rows, row_mask, data_ptr, scales_ptr, S1, N1, V1, BLOCK, SPLIT,
-                      HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
-        if N2 > 0:
-            _cast_run(x2, rho, g2, tscale, tscale_inv, rows, row_mask, data_ptr, scales_ptr, S2, N2, V2, BLOCK, SPLIT,
-                      HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
-    else:
-        NUM_CHUNKS: tl.constexpr = HIDDEN // (BLOCK * CHUNK)
-        # per-block partial sums, reduced across the row once after the loop (no barrier per chunk)
-        if NORM == 0:
-            partial = tl.zeros((ROWS, CHUNK), tl.float64)
+    for group in range(ROW_GROUPS):
+        rows = (tl.program_id(0) * ROW_GROUPS + group) * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < n_rows
+        if CHUNK == 0:
+            rho = _rows_in_registers(
+                x_ptr, data_ptr, scales_ptr, rows, row_mask, g0, g1, g2, gamma_offset, tscale_rcp, tscale_inv,
+                correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, N0, V0, S1, N1, V1, S2, N2, V2,
+                SPLIT, FMT, NORM, P, EPS_IN_ROOT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES,
+                HW_FP8, INTERPRET)
         else:
-            partial = tl.zeros((ROWS, CHUNK), tl.float32)
-        for c in range(NUM_CHUNKS):
-            xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, INTERPRET, "evict_last")
-            partial += _block_stat(xc, NORM, P)
-        stat = tl.sum(partial, axis=1)
-        rho = _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, NORM, P, EPS_IN_ROOT,
-                   INTERPRET)
-
-        gain_max_bits = 0
-        if HAS_GAMMA:
-            for c in range(NUM_CHUNKS):
-                gc = _load_gain(gamma_ptr, gamma_offset, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, HAS_OFFSET, INTERPRET)
-                gain_max_bits = tl.maximum(gain_max_bits, _abs_max_bits(gc))
-        tscale = _tensor_scale(tscale_base, gain_max_bits, FMT, HAS_GAMMA)
-        tscale_inv = tl.div_rn(1.0, tscale)
-
-        for c in range(NUM_CHUNKS):
-            xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, INTERPRET, "evict_first")
-            gc = 0.0
-            if HAS_GAMMA:
-                gc = _load_gain(gamma_ptr, gamma_offset, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, HAS_OFFSET, INTERPRET)
-            _cast_run(xc, rho, gc, tscale, tscale_inv, rows, row_mask, data_ptr, scales_ptr, c * CHUNK, CHUNK, CHUNK,
-                      BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
-
-    tl.store(rho_ptr + rows, rho, mask=row_mask)
+            rho = _rows_in_two_loops(
+                x_ptr, gamma_ptr, data_ptr, scales_ptr, rows, row_mask, gamma_offset, tscale_rcp, tscale_inv,
+                correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, ROWS, CHUNK, SPLIT,
+                FMT, NORM, P, EPS_IN_ROOT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
+                INTERPRET)
+        tl.store(rho_ptr + rows, rho, mask=row_mask)
     if tl.program_id(0) == 0:
         tl.store(tscale_ptr, tscale)
 
@@ -377,40 +439,69 @@ def block_runs(num_blocks: int, max_runs: int = _MAX_SEGMENTS) -> tuple[BlockRun
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Rows per program, warps, the chunk (in blocks) of the two-loop variant (0: rows in registers), and
-    the pieces each block is loaded in (``SPLIT``; ``block size * input bytes / 16`` puts a block in one
-    thread)."""
+    """Rows per group, warps, the chunk (in blocks) of the two-loop variant (0: rows in registers), the
+    pieces each block is loaded in (``SPLIT``; ``block size * input bytes / 16`` puts a block in one
+    thread), and the groups of rows each program casts in turn (the gain and the per-tensor scale are
+    set once per program)."""
 
-    rows_per_program: int
+    rows_per_group: int
     num_warps: int
     chunk_blocks: int = 0
     block_split: int = 1
+    row_groups: int = 1
 
 
-def launch_config(hidden: int, n_rows: int, fmt: str = "mxfp8") -> LaunchConfig:
+# NVFP4 with a gain, measured best on the H100 (rmsnorm, 16384 and 65536 rows): every program first takes
+# the largest |gain| (the per-tensor scale), so each casts 8-16 groups of rows; 8192 runs in two loops as
+# the gain in registers too took 168 registers a thread
+_NVFP4_WITH_GAIN = {
+    2048: LaunchConfig(2, 4, 0, 1, 16),
+    4096: LaunchConfig(1, 4, 0, 1, 16),
+    5120: LaunchConfig(1, 4, 64, 2, 8),
+    8192: LaunchConfig(1, 4, 128, 1, 8),
+    14336: LaunchConfig(1, 8, 128, 2, 8),
+    16384: LaunchConfig(1, 8, 256, 2, 8),
+}
+
+
+def launch_config(hidden: int, n_rows: int, fmt: str = "mxfp8", has_gain: bool = False,
+                  n_sms: int = 132) -> LaunchConfig:
     """The launch configuration measured best on the H100 (``benchmarks/bench_norm_cast.py --sweep``).
 
     Power-of-two rows up to 8192 (16384 for MXFP8) stay in registers: 4096
-    elements per program with 4 warps up to 4096, one row with 8 warps above.
-    Longer rows, and rows whose length is not a power of two, take the two-loop
-    variant (chunks of 4096 elements, or of up to 2048 dividing the row), one row
-    per program; MXFP8 chunks of 1024 (D = 5120) take two rows with 8 warps from
-    32768 rows on (65536 x 5120: 351 instead of 401 us; equal at 16384 rows). Rows
-    too short or too odd for chunks of 512 take the register path in runs.
+    elements per program with 4 warps up to 4096, one row with 8 warps above
+    (4 for NVFP4: 8192 at 90-94% of the floor instead of 81-82%). Longer rows,
+    and rows whose length is not a power of two, take the two-loop variant
+    (chunks of 4096 elements, or of up to 2048 dividing the row), one row per
+    program; chunks of 1024 (D = 5120) take two rows from 32768 rows on (MXFP8
+    with 8 warps, 65536 x 5120: 351 instead of 401 us; NVFP4 with 4, 318 instead
+    of 331 us). Rows too short or too odd for chunks of 512 take the register
+    path in runs. NVFP4 with a gain: the table above, else the same with 8 (two
+    loops) or 16 groups of rows per program; fewer groups where that would leave
+    fewer than 8 programs per streaming multiprocessor (``n_sms``, 132 on the
+    H100): 4096 x 2048 took 27% of the floor with 16 groups.
     """
     spec = get_format(fmt)
+    if spec.tensor_scale and has_gain:
+        cfg = _NVFP4_WITH_GAIN.get(hidden)
+        if cfg is None:
+            cfg = launch_config(hidden, n_rows, fmt)
+            cfg = replace(cfg, row_groups=8 if cfg.chunk_blocks else 16)
+        most_groups = max(1, n_rows // (cfg.rows_per_group * 8 * n_sms))  # (8 programs per SM left)
+        return replace(cfg, row_groups=min(cfg.row_groups, 1 << (most_groups.bit_length() - 1)))
     num_blocks = hidden // spec.block_size
     pow2 = hidden & (hidden - 1) == 0
     if not (pow2 and (hidden <= 8192 or (hidden <= 16384 and not spec.tensor_scale))):
         chunk = chunk_blocks_for(num_blocks, (4096 if pow2 else 2048) // spec.block_size)
         chunk_elems = chunk * spec.block_size
-        if chunk_elems == 1024 and n_rows >= 32768 and not spec.tensor_scale:
-            return LaunchConfig(2, 8, chunk)
+        if chunk_elems == 1024 and n_rows >= 32768:
+            return LaunchConfig(2, 4 if spec.tensor_scale else 8, chunk)
         if chunk_elems >= 512:
             return LaunchConfig(1, min(8, max(4, chunk_elems // 256)), chunk)
     padded = triton.next_power_of_2(hidden)
     rows = min(max(1, 4096 // padded), triton.next_power_of_2(max(n_rows, 1)))
-    return LaunchConfig(rows, 4 if rows * padded <= 4096 else 8)
+    few_warps = rows * padded <= 4096 or (spec.tensor_scale and padded <= 8192)
+    return LaunchConfig(rows, 4 if few_warps else 8)
 
 
 def chunk_blocks_for(num_blocks: int, wanted: int) -> int:
@@ -497,18 +588,19 @@ def norm_cast_triton(
         tscale = torch.empty((), dtype=torch.float32, device=x.device)
         runs = block_runs(num_blocks)
         runs = runs + (BlockRun(0, 0, 0),) * (_MAX_SEGMENTS - len(runs))
-        cfg = launch_cfg or launch_config(hidden, n_rows, spec.name)
+        n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        cfg = launch_cfg or launch_config(hidden, n_rows, spec.name, has_gain=gamma is not None, n_sms=n_sms)
         if spec.block_size % cfg.block_split:
             raise ValueError(f"block_split={cfg.block_split} must divide the block size {spec.block_size}")
         chunk = chunk_blocks_for(num_blocks, cfg.chunk_blocks) if cfg.chunk_blocks else 0
         interpret = is_interpreted(_norm_cast_kernel)
         hardware_fp8 = not interpret and _has_fp8_conversion(x.device)
-        grid = (triton.cdiv(n_rows, cfg.rows_per_program),)
+        grid = (triton.cdiv(n_rows, cfg.rows_per_group * cfg.row_groups),)
         launch(
             _norm_cast_kernel, grid,
             x2d, gamma.contiguous() if gamma is not None else x2d, data, scales, rho, tscale,
             n_rows, *_float64_halves(correction), *_float64_halves(eps), float(eps), float(gamma_offset), tscale_base,
-            HIDDEN=hidden, BLOCK=spec.block_size, ROWS=cfg.rows_per_program,
+            HIDDEN=hidden, BLOCK=spec.block_size, ROWS=cfg.rows_per_group, ROW_GROUPS=cfg.row_groups,
             N0=runs[0].count, V0=runs[0].valid,
             S1=runs[1].start, N1=runs[1].count, V1=runs[1].valid,
             S2=runs[2].start, N2=runs[2].count, V2=runs[2].valid, CHUNK=chunk, SPLIT=cfg.block_split,

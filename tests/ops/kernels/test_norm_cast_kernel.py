@@ -26,8 +26,20 @@ from tests.ops.kernels.conftest import INTERPRETED, run_interpreter_tests
 triton = pytest.importorskip("triton")
 tl = triton.language
 
-from mxrewrite.ops.kernels.codecs import e2m1_encode_fast, e4m3_encode  # noqa: E402
-from mxrewrite.ops.kernels.norm_cast import LaunchConfig, block_runs, chunk_blocks_for, norm_cast_triton  # noqa: E402
+from mxrewrite.ops.kernels.codecs import (  # noqa: E402
+    e2m1_encode_fast,
+    e4m3_encode,
+    f32_divide,
+    nvfp4_block_scales,
+    nvfp4_tensor_scale_inverses,
+)
+from mxrewrite.ops.kernels.norm_cast import (  # noqa: E402
+    LaunchConfig,
+    block_runs,
+    chunk_blocks_for,
+    launch_config,
+    norm_cast_triton,
+)
 
 CORRECTION = 0.418492
 # (norm, p, eps_in_root)
@@ -188,6 +200,87 @@ def assert_codecs_match_reference(x: torch.Tensor, e4m3: torch.Tensor, e2m1: tor
     assert_no_difference(same, e2m1, want_e2m1, f"{what} e2m1 encode")
 
 
+# per-tensor scales for the block-scale arithmetic: the floor 2**-120, ordinary ones, and those whose
+# 1 / t / s is subnormal (t > 2**117) or zero (t = inf)
+TENSOR_SCALES = [2.0**-120, 3.1e-36, 0.0123, 1.0, 0.37 * 2**40, 2.0**117 * 1.37, 2.0**125 * 1.9, float("inf")]
+E4M3_NORMALS = torch.arange(0x08, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def nonnegative_floats(stride: int) -> torch.Tensor:
+    """Every ``stride``-th float32 from 0 to inf (subnormals included), NaN and the largest finite float."""
+    bits = torch.arange(0, 0x7F800001, stride, dtype=torch.int64).to(torch.int32)
+    extra = torch.tensor([0x7F800000, 0x7FC00000, 0x7F7FFFFF, 1, 0x00800000], dtype=torch.int32)
+    return torch.cat([bits, extra]).view(torch.float32)
+
+
+def subnormal_ties(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs ``(a, b)`` with ``a / b`` exactly halfway between two float32 subnormals, ``b`` an e4m3 value."""
+    gen = generator(7)
+    b = E4M3_NORMALS[torch.randint(0, len(E4M3_NORMALS), (count,), generator=gen)]
+    odd = 2 * torch.randint(0, 1 << 16, (count,), generator=gen, dtype=torch.int64) + 1
+    a = (odd.double() * 2.0**-150 * b.double()).float()
+    keep = a.double() == odd.double() * 2.0**-150 * b.double()  # a is that product exactly
+    return a[keep], b[keep]
+
+
+@triton.jit
+def divide_kernel(a_ptr, b_ptr, out_ptr, n, HW: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + offs, mask=offs < n)
+    b = tl.load(b_ptr + offs, mask=offs < n)
+    tl.store(out_ptr + offs, f32_divide(a.to(tl.float64), b, HW), mask=offs < n)
+
+
+@triton.jit
+def block_scale_kernel(amax_ptr, code_ptr, factor_ptr, tscale, n, HW: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    amax = tl.load(amax_ptr + offs, mask=offs < n)
+    rcp, inv = nvfp4_tensor_scale_inverses(tl.cast(tscale, tl.float32))
+    code, factor = nvfp4_block_scales(amax, rcp, inv, HW)
+    tl.store(code_ptr + offs, code.to(tl.uint8), mask=offs < n)
+    tl.store(factor_ptr + offs, factor, mask=offs < n)
+
+
+def assert_same_floats(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """Bit-identical float32, any NaN matching any NaN."""
+    ours, ref = ours.cpu(), ref.cpu()
+    same = (ours.view(torch.int32) == ref.view(torch.int32)) | (ours.isnan() & ref.isnan())
+    if not bool(same.all()):
+        i = (~same).nonzero()[0].item()
+        raise AssertionError(f"{what}: {int((~same).sum())} values differ, first at {i} "
+                             f"(ours {ours[i].item()!r}, IEEE {ref[i].item()!r})")
+
+
+def check_f32_divide(a: torch.Tensor, device: str, hardware: bool) -> None:
+    """``f32_divide(a, b)`` equals torch's IEEE float32 division for every finite ``a`` and e4m3 ``b``."""
+    divisors = torch.cat([E4M3_NORMALS, torch.tensor([float("nan")])])
+    a = a[a.isfinite()]  # (the residual of inf / b is NaN; the kernels divide 1 / t <= 2**120)
+    ties_a, ties_b = subnormal_ties(4096)
+    b = torch.cat([divisors.repeat(len(a)), ties_b])
+    a = torch.cat([a.repeat_interleave(len(divisors)), ties_a])
+    out = torch.empty_like(a, device=device)
+    block = 1 << 14
+    divide_kernel[(triton.cdiv(len(a), block),)](a.to(device), b.to(device), out, len(a), HW=hardware, BLOCK=block)
+    assert_same_floats(out, a / b, f"f32_divide, hardware={hardware}")
+
+
+def check_nvfp4_block_scales(amax: torch.Tensor, device: str, hardware_fp8: bool) -> None:
+    """The block-scale codes and cast factors equal ``nvfp4_quantize``'s IEEE arithmetic for each tensor scale."""
+    for tscale in TENSOR_SCALES:
+        t = torch.tensor(tscale, dtype=torch.float32)
+        scales = torch.clamp(amax / 6.0 / t, min=2.0**-6, max=448.0).to(torch.float8_e4m3fn)
+        want_factor = (1.0 / t) / scales.float()
+        code = torch.empty(amax.shape, dtype=torch.uint8, device=device)
+        factor = torch.empty(amax.shape, dtype=torch.float32, device=device)
+        block = 1 << 14
+        block_scale_kernel[(triton.cdiv(len(amax), block),)](amax.to(device), code, factor, tscale, len(amax),
+                                                               HW=hardware_fp8, BLOCK=block)
+        want_code, code = scales.view(torch.uint8), code.cpu()
+        same = (code == want_code) | (((code & 0x7F) == 0x7F) & ((want_code & 0x7F) == 0x7F))  # NaN of any sign
+        assert_no_difference(same, code, want_code, f"block scale codes, t={tscale}")
+        assert_same_floats(factor, want_factor, f"cast factors, t={tscale}")
+
+
 # ---------------------------------------------------------------- plain python
 
 def check_each_edge_row(x, names, eps, device, **kwargs):
@@ -217,6 +310,19 @@ def test_chunks_divide_the_row():
     assert chunk_blocks_for(448, 64) == 64 and chunk_blocks_for(160, 64) == 32
 
 
+def test_launch_config_groups_rows_only_where_programs_remain_for_every_sm():
+    """NVFP4 with a gain casts several groups of rows per program, but keeps 8 programs per SM."""
+    for hidden in (2048, 5120, 8192, 16384, 3072, 256):
+        for n_rows in (1, 100, 4096, 16384, 65536, 10**6):
+            cfg = launch_config(hidden, n_rows, "nvfp4", has_gain=True, n_sms=132)
+            programs = triton.cdiv(n_rows, cfg.rows_per_group * cfg.row_groups)
+            assert cfg.row_groups == 1 or programs >= 8 * 132, (hidden, n_rows, cfg)
+            assert cfg.row_groups & (cfg.row_groups - 1) == 0
+    assert launch_config(2048, 65536, "nvfp4", has_gain=True).row_groups == 16
+    assert launch_config(2048, 65536, "nvfp4").row_groups == 1
+    assert launch_config(2048, 65536, "mxfp8", has_gain=True).row_groups == 1
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the parent of the interpreter run")
 def test_kernels_bit_exact_under_triton_interpreter():
     run_interpreter_tests(__file__)
@@ -230,6 +336,10 @@ if INTERPRETED:
     def test_interp_codecs_match_the_reference_casts():
         x = codec_inputs(stride=997)
         assert_codecs_match_reference(x, *encode_with_codecs(x, hardware_fp8=False), "software")
+
+    def test_interp_branch_free_divisions_match_ieee():
+        check_f32_divide(nonnegative_floats(stride=3_000_017), "cpu", hardware=False)
+        check_nvfp4_block_scales(nonnegative_floats(stride=300_007), "cpu", hardware_fp8=False)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
@@ -268,10 +378,12 @@ if INTERPRETED:
     @pytest.mark.parametrize("fmt", FORMATS)
     def test_interp_two_loop_variant(fmt, norm, p, eps_in_root):
         """The chunked variant (two loops, the second re-reading the rows) gives the same bits, as do blocks
-    loaded in two pieces."""
+    loaded in two pieces and programs that cast several groups of rows (the last one partly masked)."""
         for shape, cfg in [((5, 192), LaunchConfig(2, 4, 4)), ((3, 256), LaunchConfig(4, 4, 4)),
                            ((2, 96), LaunchConfig(1, 4, 1)), ((5, 192), LaunchConfig(2, 4, 2, block_split=2)),
-                           ((3, 256), LaunchConfig(2, 4, 0, block_split=2))]:
+                           ((3, 256), LaunchConfig(2, 4, 0, block_split=2)),
+                           ((7, 192), LaunchConfig(1, 4, 2, row_groups=3)),
+                           ((7, 256), LaunchConfig(2, 4, 0, row_groups=2))]:
             x = random_rows(shape, torch.bfloat16, seed=shape[-1])
             for has_gamma, offset in GAINS:
                 gamma = gain(shape[-1], torch.float32, seed=3) if has_gamma else None
@@ -338,10 +450,11 @@ def test_gpu_hidden_sizes(hidden, fmt, norm, p, eps_in_root):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("hidden", (5120, 16384))
 def test_gpu_two_loop_variant_with_gain(hidden, fmt, norm, p, eps_in_root):
-    """The two-loop variant with a gain (the hidden-size tests cover it without one), two rows a program, and
-    whole blocks per thread in both variants."""
+    """The two-loop variant with a gain (the hidden-size tests cover it without one), two rows a program,
+    whole blocks per thread in both variants, and programs that cast several groups of rows."""
     x = gaussian_rows((301, hidden), torch.bfloat16, seed=hidden + 7, device="cuda")
-    for cfg in (LaunchConfig(2, 8, 32), LaunchConfig(1, 8, 32, block_split=2), LaunchConfig(1, 8, 0, block_split=2)):
+    for cfg in (LaunchConfig(2, 8, 32), LaunchConfig(1, 8, 32, block_split=2), LaunchConfig(1, 8, 0, block_split=2),
+                LaunchConfig(1, 8, 32, row_groups=4), LaunchConfig(1, 8, 0, row_groups=8)):
         check_against_reference(x, gain(hidden, torch.bfloat16, 5, "cuda"), fmt=fmt, norm=norm, p=p,
                                 eps_in_root=eps_in_root, gamma_offset=1.0, launch_cfg=cfg)
 
@@ -399,6 +512,14 @@ def test_gpu_codecs_match_the_reference_casts():
     x = codec_inputs(stride=61).cuda()
     for hardware in (True, False):
         assert_codecs_match_reference(x, *encode_with_codecs(x, hardware), f"hardware={hardware}")
+
+
+@gpu
+def test_gpu_branch_free_divisions_match_ieee():
+    """The NVFP4 block-scale divisions without IEEE division equal it, over every 64th float32 (block maxima)."""
+    for hardware in (True, False):
+        check_f32_divide(nonnegative_floats(stride=30_011), "cuda", hardware)
+        check_nvfp4_block_scales(nonnegative_floats(stride=64), "cuda", hardware)
 
 
 @gpu
