@@ -487,8 +487,11 @@ def launch_config(hidden: int, n_rows: int, fmt: str = "mxfp8", has_gain: bool =
         if cfg is None:
             cfg = launch_config(hidden, n_rows, fmt)
             cfg = replace(cfg, row_groups=8 if cfg.chunk_blocks else 16)
-        most_groups = max(1, n_rows // (cfg.rows_per_group * 8 * n_sms))  # (8 programs per SM left)
-        return replace(cfg, row_groups=min(cfg.row_groups, 1 << (most_groups.bit_length() - 1)))
+        groups = cfg.row_groups
+        # (comparisons only: with dynamic shapes, each becomes one threshold guard on the row count)
+        while groups > 1 and n_rows < groups * cfg.rows_per_group * 8 * n_sms:
+            groups //= 2
+        return replace(cfg, row_groups=groups)
     num_blocks = hidden // spec.block_size
     pow2 = hidden & (hidden - 1) == 0
     if not (pow2 and (hidden <= 8192 or (hidden <= 16384 and not spec.tensor_scale))):

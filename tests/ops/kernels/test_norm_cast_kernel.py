@@ -323,6 +323,22 @@ def test_launch_config_groups_rows_only_where_programs_remain_for_every_sm():
     assert launch_config(2048, 65536, "mxfp8", has_gain=True).row_groups == 1
 
 
+def test_launch_config_guards_a_symbolic_row_count_only_by_thresholds():
+    """Under torch.compile with dynamic shapes the row count is a SymInt: the heuristics may compare it with
+    thresholds (a guard each) but must not pin its value (a recompile for every batch size)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    for fmt, has_gain in (("mxfp8", False), ("nvfp4", False), ("nvfp4", True)):
+        for hidden in (2048, 4096, 5120, 8192, 16384):
+            env = ShapeEnv()
+            n_rows = env.create_symintnode(env.create_symbol(40000, ConstantSource("rows"),
+                                                             dynamic_dim=DimDynamic.DYNAMIC), hint=40000)
+            assert launch_config(hidden, n_rows, fmt, has_gain=has_gain) == launch_config(hidden, 40000, fmt, has_gain)
+            pinned = [g.expr for g in env.guards if "Eq" in str(g.expr) or "Ne" in str(g.expr)]
+            assert not pinned, (fmt, hidden, pinned)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the parent of the interpreter run")
 def test_kernels_bit_exact_under_triton_interpreter():
     run_interpreter_tests(__file__)
