@@ -1,9 +1,10 @@
 """Triton device functions for the number formats: E8M0 scale exponents, e4m3 and e2m1 encodes.
 
 Each one computes exactly what the PyTorch reference in :mod:`mxrewrite.formats`
-computes (integer arithmetic on float32 bit patterns, IEEE divisions), so a
-kernel built from them reproduces the reference bit for bit; the tests compare
-them over millions of values.
+computes (integer arithmetic on float32 bit patterns; IEEE divisions, or for the
+NVFP4 block scales float64 arithmetic that gives the same quotients without a
+branch), so a kernel built from them reproduces the reference bit for bit; the
+tests compare them over millions of values.
 
 float32 -> float8_e4m3fn has two implementations behind a constexpr switch:
 the hardware conversion (``cvt.rn.satfinite.e4m3x2.f32`` on sm_89+) for GPU
