@@ -214,10 +214,9 @@ def nvfp4_block_scales(amax, tscale_rcp, tscale_inv, HARDWARE: tl.constexpr):
 
 @triton.jit
 def e2m1_encode_fast(y):
-    """float32 -> int32 whose low four bits are the e2m1 code of ``y``, the next four zero (the bits from
-    the ninth up are not): the code ``mxrewrite.formats.e2m1.e2m1_encode(clamp(y, -6, 6))`` gives every
-    non-NaN ``y`` (NaN gets an arbitrary code, as in the reference). Two codes pack into the low byte of
-    ``low + 16 * high``.
+    """float32 -> int32 whose low four bits are the e2m1 code of ``y`` (the bits from the ninth up are
+    not zero): the code ``mxrewrite.formats.e2m1.e2m1_encode(clamp(y, -6, 6))`` gives every non-NaN
+    ``y`` (NaN gets an arbitrary code, as in the reference). :func:`e2m1_pack` packs two.
 
     ``m = min(|y|, 6)`` is rounded onto e2m1's three grids by the float32 adder next to ``B = 2**23``,
     whose ulp is 1: ``B + 2m`` rounds ``m`` to halves (the code below 2), ``B + 2 + m`` to integers
@@ -227,10 +226,30 @@ def e2m1_encode_fast(y):
     multiply-add instructions: on sm_90 the integer/logic pipe, half as wide, is what limits the
     NVFP4 cast.
     """
+    return _e2m1_magnitude_code(y) + _sign_bit(y) * _E2M1_SIGN
+
+
+@triton.jit
+def e2m1_pack(low, high):
+    """The byte (the low eight bits of an int32) holding the e2m1 codes of ``low`` (low nibble) and
+    ``high``, as :func:`e2m1_encode_fast` encodes them: the two magnitudes are packed first and the
+    signs added to the pair (on the H100, NVFP4 casts about 1% faster than packing two whole codes)."""
+    magnitudes = _e2m1_magnitude_code(low) + _e2m1_magnitude_code(high) * 16
+    return magnitudes + _sign_bit(low) * _E2M1_SIGN + _sign_bit(high) * (_E2M1_SIGN * 16)
+
+
+@triton.jit
+def _e2m1_magnitude_code(y):
+    """The e2m1 code of ``min(|y|, 6)`` in the low three bits of an int32, the next five zero (the bits
+    of ``2**23`` plus the code: see :func:`e2m1_encode_fast`)."""
     mag = tl.minimum(tl.abs(y), _F4E2M1_MAX)
     halves = tl.fma(mag, 2.0, _E2M1_GRID_BASE).to(tl.int32, bitcast=True)
     units = (mag + (_E2M1_GRID_BASE + 2.0)).to(tl.int32, bitcast=True)
     twos = tl.fma(mag, 0.5, _E2M1_GRID_BASE + 4.0).to(tl.int32, bitcast=True)
-    code = tl.minimum(tl.minimum(halves, units), twos)
-    sign = (y.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
-    return code + sign * _E2M1_SIGN
+    return tl.minimum(tl.minimum(halves, units), twos)
+
+
+@triton.jit
+def _sign_bit(y):
+    """1 where the float ``y`` has its sign bit set (-0.0 included), else 0, as int32."""
+    return (y.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)

@@ -50,7 +50,7 @@ from mxrewrite.formats import get_format
 from mxrewrite.formats.nvfp4 import MIN_TENSOR_SCALE as _MIN_TENSOR_SCALE
 from mxrewrite.formats.nvfp4 import NVFP4_SCALE_RANGE
 from mxrewrite.ops.kernels.codecs import (
-    e2m1_encode_fast,
+    e2m1_pack,
     e4m3_encode,
     e8m0_floor_exponent,
     e8m0_floor_multiplier,
@@ -212,9 +212,9 @@ def _cast_run(x, rho, gamma, gamma_offset, tscale_rcp, tscale_inv, rows, row_mas
         tl.store(scales_ptr + scale_offs, biased.to(tl.uint8), mask=block_mask)
     else:
         scale_code, factor = nvfp4_block_scales(amax, tscale_rcp, tscale_inv, HW_FP8)
-        codes = e2m1_encode_fast(xhat * factor[:, None, :, None])
-        low, high = tl.split(tl.reshape(codes, (codes.shape[0], SPLIT, NB, BLOCK // SPLIT // 2, 2)))
-        packed = (low + high * 16).to(tl.uint8)
+        y = xhat * factor[:, None, :, None]
+        low, high = tl.split(tl.reshape(y, (y.shape[0], SPLIT, NB, BLOCK // SPLIT // 2, 2)))
+        packed = e2m1_pack(low, high).to(tl.uint8)
         data_offs = (rows[:, None, None, None].to(tl.int64) * (HIDDEN // 2)
                      + _run_offsets(START, NB, BLOCK // 2, SPLIT)[None])
         tl.store(data_ptr + data_offs, packed, mask=elem_mask)

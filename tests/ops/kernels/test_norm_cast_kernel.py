@@ -28,6 +28,7 @@ tl = triton.language
 
 from mxrewrite.ops.kernels.codecs import (  # noqa: E402
     e2m1_encode_fast,
+    e2m1_pack,
     e4m3_encode,
     f32_divide,
     nvfp4_block_scales,
@@ -171,23 +172,27 @@ def codec_inputs(stride: int) -> torch.Tensor:
 
 
 @triton.jit
-def encode_kernel(x_ptr, e4m3_ptr, e2m1_ptr, n, HW: tl.constexpr, BLOCK: tl.constexpr):
+def encode_kernel(x_ptr, e4m3_ptr, e2m1_ptr, pair_ptr, n, HW: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     y = tl.load(x_ptr + offs, mask=offs < n)
+    partner = tl.load(x_ptr + (n - 1 - offs), mask=offs < n)  # x reversed: every value meets another
     tl.store(e4m3_ptr + offs, e4m3_encode(y, HW), mask=offs < n)
     tl.store(e2m1_ptr + offs, e2m1_encode_fast(y).to(tl.uint8), mask=offs < n)
+    tl.store(pair_ptr + offs, e2m1_pack(y, partner).to(tl.uint8), mask=offs < n)
 
 
-def encode_with_codecs(x: torch.Tensor, hardware_fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the kernel codecs over ``x``: (e4m3 bytes, e2m1 codes)."""
+def encode_with_codecs(x: torch.Tensor, hardware_fp8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the kernel codecs over ``x``: (e4m3 bytes, e2m1 codes, e2m1 pairs of ``x`` and ``x`` reversed)."""
     e4m3 = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     e2m1 = torch.empty_like(e4m3)
+    pairs = torch.empty_like(e4m3)
     block = 1 << 16 if x.device.type == "cpu" else 1024
-    encode_kernel[(triton.cdiv(x.numel(), block),)](x, e4m3, e2m1, x.numel(), HW=hardware_fp8, BLOCK=block)
-    return e4m3.cpu(), e2m1.cpu()
+    encode_kernel[(triton.cdiv(x.numel(), block),)](x, e4m3, e2m1, pairs, x.numel(), HW=hardware_fp8, BLOCK=block)
+    return e4m3.cpu(), e2m1.cpu(), pairs.cpu()
 
 
-def assert_codecs_match_reference(x: torch.Tensor, e4m3: torch.Tensor, e2m1: torch.Tensor, what: str) -> None:
+def assert_codecs_match_reference(x: torch.Tensor, e4m3: torch.Tensor, e2m1: torch.Tensor, pairs: torch.Tensor,
+                                  what: str) -> None:
     from mxrewrite.formats.e2m1 import e2m1_encode
 
     x = x.cpu()
@@ -198,6 +203,9 @@ def assert_codecs_match_reference(x: torch.Tensor, e4m3: torch.Tensor, e2m1: tor
     want_e2m1 = e2m1_encode(torch.clamp(x, -6.0, 6.0))
     same = (e2m1 == want_e2m1) | nan
     assert_no_difference(same, e2m1, want_e2m1, f"{what} e2m1 encode")
+    want_pairs = want_e2m1 | want_e2m1.flip(0) << 4
+    same = (pairs == want_pairs) | nan | nan.flip(0)
+    assert_no_difference(same, pairs, want_pairs, f"{what} e2m1 pack")
 
 
 # per-tensor scales for the block-scale arithmetic: the floor 2**-120, ordinary ones, and those whose
