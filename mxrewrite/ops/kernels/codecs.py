@@ -213,10 +213,19 @@ def nvfp4_block_scales(amax, tscale_rcp, tscale_inv, HARDWARE: tl.constexpr):
 
 
 @triton.jit
-def e2m1_encode_fast(y):
-    """float32 -> int32 whose low four bits are the e2m1 code of ``y`` (the bits from the ninth up are
-    not zero): the code ``mxrewrite.formats.e2m1.e2m1_encode(clamp(y, -6, 6))`` gives every non-NaN
-    ``y`` (NaN gets an arbitrary code, as in the reference). :func:`e2m1_pack` packs two.
+def e2m1_pack(low, high):
+    """The byte (the low eight bits of an int32) holding the e2m1 codes of ``low`` (low nibble) and
+    ``high``: the codes ``mxrewrite.formats.e2m1.e2m1_encode(clamp(y, -6, 6))`` gives every non-NaN
+    ``y`` (NaN gets an arbitrary code, as in the reference). The two magnitudes are packed first and the
+    signs added to the pair (on the H100, NVFP4 casts about 1% faster than packing two whole codes)."""
+    magnitudes = _e2m1_magnitude_code(low) + _e2m1_magnitude_code(high) * 16
+    return magnitudes + _sign_bit(low) * _E2M1_SIGN + _sign_bit(high) * (_E2M1_SIGN * 16)
+
+
+@triton.jit
+def _e2m1_magnitude_code(y):
+    """The e2m1 code of ``min(|y|, 6)`` in the low three bits of an int32, the next five zero (the bits
+    of ``2**23`` plus the code).
 
     ``m = min(|y|, 6)`` is rounded onto e2m1's three grids by the float32 adder next to ``B = 2**23``,
     whose ulp is 1: ``B + 2m`` rounds ``m`` to halves (the code below 2), ``B + 2 + m`` to integers
@@ -226,22 +235,6 @@ def e2m1_encode_fast(y):
     multiply-add instructions: on sm_90 the integer/logic pipe, half as wide, is what limits the
     NVFP4 cast.
     """
-    return _e2m1_magnitude_code(y) + _sign_bit(y) * _E2M1_SIGN
-
-
-@triton.jit
-def e2m1_pack(low, high):
-    """The byte (the low eight bits of an int32) holding the e2m1 codes of ``low`` (low nibble) and
-    ``high``, as :func:`e2m1_encode_fast` encodes them: the two magnitudes are packed first and the
-    signs added to the pair (on the H100, NVFP4 casts about 1% faster than packing two whole codes)."""
-    magnitudes = _e2m1_magnitude_code(low) + _e2m1_magnitude_code(high) * 16
-    return magnitudes + _sign_bit(low) * _E2M1_SIGN + _sign_bit(high) * (_E2M1_SIGN * 16)
-
-
-@triton.jit
-def _e2m1_magnitude_code(y):
-    """The e2m1 code of ``min(|y|, 6)`` in the low three bits of an int32, the next five zero (the bits
-    of ``2**23`` plus the code: see :func:`e2m1_encode_fast`)."""
     mag = tl.minimum(tl.abs(y), _F4E2M1_MAX)
     halves = tl.fma(mag, 2.0, _E2M1_GRID_BASE).to(tl.int32, bitcast=True)
     units = (mag + (_E2M1_GRID_BASE + 2.0)).to(tl.int32, bitcast=True)
