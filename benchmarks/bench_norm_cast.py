@@ -322,7 +322,7 @@ def run_sweep(fmts, shapes, norms, bandwidth: float, log) -> list[Result]:
                     except Exception as exc:
                         us = float("nan")
                         log(f"  sweep {fmt} {norm} {m}x{d} {chosen}: {type(exc).__name__}: {str(exc)[:300]}")
-                    label = (f"rows={chosen.rows_per_group} warps={chosen.num_warps} chunk={chosen.chunk_blocks}"
+                    label = (f"rows={chosen.rows_per_program} warps={chosen.num_warps} chunk={chosen.chunk_blocks}"
                              + (" (default)" if cfg is None else ""))
                     results.append(Result(fmt, m, d, norm, us, floor_us, "", label))
                     log(f"  sweep {fmt} {norm:<8} {m:>6}x{d:<6} {label:<38} {us:8.1f} us  "

@@ -1,6 +1,6 @@
 """Fused norm + MXFP8/NVFP4 cast in one Triton kernel: one read of ``x`` from memory, one write of the cast.
 
-Each program owns groups of ``ROWS`` whole rows, reduces them to the row's ``rho``
+Each program owns ``ROWS`` whole rows, reduces them to the row's ``rho``
 (MXNorm from the block maxima, or the exact RMSNorm from the sum of squares)
 and casts ``x * rho`` (times the gain) block by block. Two variants
 (:func:`launch_config` picks one, as measured on the H100):
@@ -16,10 +16,14 @@ and casts ``x * rho`` (times the gain) block by block. Two variants
   the hints part of the re-read went to memory (MXFP8 16384 x 14336 on the
   H100: 88% of the bandwidth floor, 95% with them).
 
-A program may cast several groups of rows in turn (``LaunchConfig.row_groups``):
-NVFP4 with a gain takes the largest ``|gain|`` (its per-tensor scale) in every
-program, and doing that once for 8-16 groups took NVFP4 RMSNorm with a gain on
-the H100 from 63-69% to 71-82% of the bandwidth floor (65536 rows).
+NVFP4 with a gain: the per-tensor scale is set by the largest ``|gain|``. A
+one-program kernel (:func:`_gain_tensor_scale_kernel`) computes it before the
+cast, which every program then loads; each program reducing the whole gain
+itself took NVFP4 RMSNorm with a gain to 63-69% of the bandwidth floor on the
+H100 (65536 rows), 90-100% with the kernel before it.
+
+NVFP4 loads bfloat16 (``x`` and the gain) as 32-bit words holding a pair: one
+shift or mask widens each element, and the pair is the one packed into a byte.
 
 A run of blocks is a ``[ROWS, SPLIT, NB, BLOCK // SPLIT]`` tensor (block ``k`` is
 ``[:, :, k, :]``). With ``SPLIT = 1`` Triton spreads a block over the threads
@@ -40,7 +44,7 @@ step for step, so data and scales are bit-identical:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -50,6 +54,7 @@ from mxrewrite.formats import get_format
 from mxrewrite.formats.nvfp4 import MIN_TENSOR_SCALE as _MIN_TENSOR_SCALE
 from mxrewrite.formats.nvfp4 import NVFP4_SCALE_RANGE
 from mxrewrite.ops.kernels.codecs import (
+    bf16_pairs_to_float32,
     e2m1_pack,
     e4m3_encode,
     e8m0_floor_exponent,
@@ -62,7 +67,7 @@ from mxrewrite.ops.kernels.codecs import (
 )
 from mxrewrite.ops.kernels.launch import is_interpreted, launch
 from mxrewrite.ops.mxnorm_constants import mxnorm_output_bound, rmsnorm_output_bound
-from mxrewrite.ops.reference import check_norm_args, effective_gain
+from mxrewrite.ops.reference import check_norm_args
 
 # fmt / norm / scale mode codes passed to the kernel as constexprs
 _MXFP8, _NVFP4 = 0, 1
@@ -101,14 +106,19 @@ def _run_offsets(START, NB: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constex
 
 @triton.jit
 def _load_run(x_ptr, row_offs, row_mask, START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr,
-              SPLIT: tl.constexpr, INTERPRET: tl.constexpr, EVICTION: tl.constexpr):
+              SPLIT: tl.constexpr, PAIRS: tl.constexpr, INTERPRET: tl.constexpr, EVICTION: tl.constexpr):
     """Blocks ``START .. START + NB`` of each row as float32 ``[ROWS, SPLIT, NB, BLOCK // SPLIT]`` (zeros
-    where masked)."""
-    cols = _run_offsets(START, NB, BLOCK, SPLIT)[None, :, :, :]
+    where masked); with ``PAIRS`` (NVFP4), bfloat16 is loaded as 32-bit words of two elements."""
     if VALID == NB:
         mask = row_mask[:, None, None, None]
     else:
         mask = row_mask[:, None, None, None] & (tl.arange(0, NB) < VALID)[None, None, :, None]
+    if PAIRS and x_ptr.dtype.element_ty == tl.bfloat16:
+        words = tl.load(x_ptr.to(tl.pointer_type(tl.uint32)) + row_offs[:, None, None, None] // 2
+                        + _run_offsets(START, NB, BLOCK // 2, SPLIT)[None, :, :, :], mask=mask, other=0,
+                        eviction_policy=EVICTION)
+        return bf16_pairs_to_float32(words)
+    cols = _run_offsets(START, NB, BLOCK, SPLIT)[None, :, :, :]
     return to_float32(tl.load(x_ptr + row_offs[:, None, None, None] + cols, mask=mask, other=0.0,
                               eviction_policy=EVICTION), INTERPRET)
 
@@ -148,30 +158,33 @@ def _run_stat(x, NORM: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _load_gain(gamma_ptr, START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
-    """``gamma`` of one run of blocks in its own dtype, ``[SPLIT, NB, BLOCK // SPLIT]`` (zeros where masked);
-    :func:`_gain_value` makes the float32 gain of it."""
-    offs = _run_offsets(START, NB, BLOCK, SPLIT)
-    if VALID == NB:
-        return tl.load(gamma_ptr + offs)
+def _load_gain(gamma_ptr, START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+               ROWS: tl.constexpr, PAIRS: tl.constexpr):
+    """``gamma`` of one run of blocks as stored, once for each of ``ROWS`` rows (from L1): ``[ROWS, SPLIT, NB,
+    BLOCK // SPLIT]``, laid out as the rows' run is, so that multiplying needs no layout conversion (zeros
+    where masked; with ``PAIRS``, bfloat16 as pairs in 32-bit words, half as long). :func:`_gain_value`
+    makes the float32 gain of it."""
+    mask = (tl.arange(0, NB) < VALID)[None, None, :, None]
+    every_row = tl.zeros((ROWS, 1, 1, 1), tl.int32)
+    if PAIRS and gamma_ptr.dtype.element_ty == tl.bfloat16:
+        words = gamma_ptr.to(tl.pointer_type(tl.uint32)) + every_row + _run_offsets(START, NB, BLOCK // 2, SPLIT)[None]
+        gamma = tl.load(words, mask=mask, other=0) if VALID < NB else tl.load(words)
     else:
-        return tl.load(gamma_ptr + offs, mask=(tl.arange(0, NB) < VALID)[None, :, None], other=0.0)
+        values = gamma_ptr + _run_offsets(START, NB, BLOCK, SPLIT)[None] + every_row
+        gamma = tl.load(values, mask=mask, other=0.0) if VALID < NB else tl.load(values)
+    return gamma
 
 
 @triton.jit
 def _gain_value(gamma, gamma_offset, HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
-    """The gain ``gamma (+ offset)`` in float32."""
-    gain = to_float32(gamma, INTERPRET)
+    """The gain ``gamma (+ offset)`` in float32 (``gamma`` from :func:`_load_gain`)."""
+    if gamma.dtype == tl.uint32:
+        gain = bf16_pairs_to_float32(gamma)
+    else:
+        gain = to_float32(gamma, INTERPRET)
     if HAS_OFFSET:
         gain = gain + gamma_offset
     return gain
-
-
-@triton.jit
-def _gain_abs_max(gamma, gamma_offset, HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
-    """``max |gain|`` over a whole ``[SPLIT, NB, BLOCK // SPLIT]`` run of ``gamma``, NaN if it has one."""
-    gain = tl.abs(_gain_value(gamma, gamma_offset, HAS_OFFSET, INTERPRET))
-    return tl.reduce(tl.reduce(tl.reduce(gain, 2, _max_keep_nan), 1, _max_keep_nan), 0, _max_keep_nan)
 
 
 @triton.jit
@@ -186,7 +199,7 @@ def _cast_run(x, rho, gamma, gamma_offset, tscale_rcp, tscale_inv, rows, row_mas
     elem_mask = block_mask[:, None, :, None]
     xhat = x * rho[:, None, None, None]
     if HAS_GAMMA:
-        xhat = xhat * _gain_value(gamma, gamma_offset, HAS_OFFSET, INTERPRET)[None, :, :, :]
+        xhat = xhat * _gain_value(gamma, gamma_offset, HAS_OFFSET, INTERPRET)
     # (not max|x| * rho: that misses the NaN of 0 * rho when rho is inf)
     amax = _block_abs_max(xhat)
 
@@ -214,7 +227,7 @@ def _cast_run(x, rho, gamma, gamma_offset, tscale_rcp, tscale_inv, rows, row_mas
         scale_code, factor = nvfp4_block_scales(amax, tscale_rcp, tscale_inv, HW_FP8)
         y = xhat * factor[:, None, :, None]
         low, high = tl.split(tl.reshape(y, (y.shape[0], SPLIT, NB, BLOCK // SPLIT // 2, 2)))
-        packed = e2m1_pack(low, high).to(tl.uint8)
+        packed = e2m1_pack(low, high, HW_FP8)
         data_offs = (rows[:, None, None, None].to(tl.int64) * (HIDDEN // 2)
                      + _run_offsets(START, NB, BLOCK // 2, SPLIT)[None])
         tl.store(data_ptr + data_offs, packed, mask=elem_mask)
@@ -255,32 +268,10 @@ def _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN: tl
 
 
 @triton.jit
-def _tensor_scale(tscale_base, gain_max, FMT: tl.constexpr, HAS_GAMMA: tl.constexpr):
-    """The static per-tensor scale: ``base * max|gain|`` (NVFP4, at least 2**-120), else ``base``."""
-    tscale = tscale_base
-    if HAS_GAMMA:
-        if FMT == 1:
-            # (an all-zero gain would make the scale 0 and the cast 0 * (1 / 0) = NaN)
-            tscale = tl.maximum(tscale_base * gain_max, MIN_TENSOR_SCALE, propagate_nan=tl.PropagateNan.ALL)
-    return tscale
-
-
-@triton.jit
-def _gain_max_chunked(gamma_ptr, gamma_offset, NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                      SPLIT: tl.constexpr, HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
-    """``max |gain|`` over the whole row, read in ``NUM_CHUNKS`` chunks of ``CHUNK`` blocks."""
-    gain_max = 0.0
-    for c in range(NUM_CHUNKS):
-        gc = _load_gain(gamma_ptr, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT)
-        gain_max = _max_keep_nan(gain_max, _gain_abs_max(gc, gamma_offset, HAS_OFFSET, INTERPRET))
-    return gain_max
-
-
-@triton.jit
 def _rows_in_registers(
-    x_ptr, data_ptr, scales_ptr, rows, row_mask, g0, g1, g2, gamma_offset, tscale_rcp, tscale_inv,
+    x_ptr, gamma_ptr, data_ptr, scales_ptr, rows, row_mask, gamma_offset, tscale_rcp, tscale_inv,
     correction_hi, correction_lo, eps_hi, eps_lo, eps_f32,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     N0: tl.constexpr, V0: tl.constexpr,
     S1: tl.constexpr, N1: tl.constexpr, V1: tl.constexpr,
     S2: tl.constexpr, N2: tl.constexpr, V2: tl.constexpr, SPLIT: tl.constexpr,
@@ -290,14 +281,23 @@ def _rows_in_registers(
 ):
     """Norm and cast of ``rows`` held in registers (up to three runs N0, N1, N2 of blocks); returns ``rho``."""
     row_offs = rows.to(tl.int64) * HIDDEN
-    x0 = _load_run(x_ptr, row_offs, row_mask, 0, N0, V0, BLOCK, SPLIT, INTERPRET, "")
+    x0 = _load_run(x_ptr, row_offs, row_mask, 0, N0, V0, BLOCK, SPLIT, FMT == 1, INTERPRET, "")
     stat = _run_stat(x0, NORM, P)
     if N1 > 0:
-        x1 = _load_run(x_ptr, row_offs, row_mask, S1, N1, V1, BLOCK, SPLIT, INTERPRET, "")
+        x1 = _load_run(x_ptr, row_offs, row_mask, S1, N1, V1, BLOCK, SPLIT, FMT == 1, INTERPRET, "")
         stat += _run_stat(x1, NORM, P)
     if N2 > 0:
-        x2 = _load_run(x_ptr, row_offs, row_mask, S2, N2, V2, BLOCK, SPLIT, INTERPRET, "")
+        x2 = _load_run(x_ptr, row_offs, row_mask, S2, N2, V2, BLOCK, SPLIT, FMT == 1, INTERPRET, "")
         stat += _run_stat(x2, NORM, P)
+    g0 = 0.0
+    g1 = 0.0
+    g2 = 0.0
+    if HAS_GAMMA:
+        g0 = _load_gain(gamma_ptr, 0, N0, V0, BLOCK, SPLIT, ROWS, FMT == 1)
+        if N1 > 0:
+            g1 = _load_gain(gamma_ptr, S1, N1, V1, BLOCK, SPLIT, ROWS, FMT == 1)
+        if N2 > 0:
+            g2 = _load_gain(gamma_ptr, S2, N2, V2, BLOCK, SPLIT, ROWS, FMT == 1)
     rho = _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, NORM, P, EPS_IN_ROOT,
                INTERPRET)
     _cast_run(x0, rho, g0, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, 0, N0, V0,
@@ -333,15 +333,17 @@ def _rows_in_two_loops(
     else:
         partial = tl.zeros((ROWS, CHUNK), tl.float32)
     for c in range(NUM_CHUNKS):
-        xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, INTERPRET, "evict_last")
+        xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, FMT == 1, INTERPRET,
+                       "evict_last")
         partial += _block_stat(xc, NORM, P)
     rho = _rho(tl.sum(partial, axis=1), correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK,
                NORM, P, EPS_IN_ROOT, INTERPRET)
     for c in range(NUM_CHUNKS):
-        xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, INTERPRET, "evict_first")
+        xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, FMT == 1, INTERPRET,
+                       "evict_first")
         gc = 0.0
         if HAS_GAMMA:
-            gc = _load_gain(gamma_ptr, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT)
+            gc = _load_gain(gamma_ptr, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, ROWS, FMT == 1)
         _cast_run(xc, rho, gc, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr,
                   c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE,
                   SWIZZLE_COL_TILES, HW_FP8, INTERPRET)
@@ -349,10 +351,30 @@ def _rows_in_two_loops(
 
 
 @triton.jit
+def _gain_tensor_scale_kernel(gamma_ptr, tscale_ptr, gamma_offset, tscale_base, HIDDEN: tl.constexpr,
+                              CHUNK: tl.constexpr, HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
+    """The NVFP4 per-tensor scale ``max(base * max|gain|, 2**-120)`` (NaN if the gain has one), by one
+    program, before the cast: every program of the cast reads it instead of reducing the gain itself."""
+    gamma_offset = tl.cast(gamma_offset, tl.float32)
+    tscale_base = tl.cast(tscale_base, tl.float32)
+    gain_max = tl.zeros((CHUNK,), tl.float32)
+    for start in range(0, HIDDEN, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        gain = to_float32(tl.load(gamma_ptr + offs, mask=offs < HIDDEN, other=0.0), INTERPRET)
+        if HAS_OFFSET:
+            gain = tl.where(offs < HIDDEN, gain + gamma_offset, 0.0)
+        gain_max = _max_keep_nan(gain_max, tl.abs(gain))
+    # (an all-zero gain would make the scale 0 and the cast 0 * (1 / 0) = NaN)
+    tscale = tl.maximum(tscale_base * tl.reduce(gain_max, 0, _max_keep_nan), MIN_TENSOR_SCALE,
+                        propagate_nan=tl.PropagateNan.ALL)
+    tl.store(tscale_ptr, tscale)
+
+
+@triton.jit
 def _norm_cast_kernel(
     x_ptr, gamma_ptr, data_ptr, scales_ptr, rho_ptr, tscale_ptr,
     n_rows, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, gamma_offset, tscale_base,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ROW_GROUPS: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     N0: tl.constexpr, V0: tl.constexpr,
     S1: tl.constexpr, N1: tl.constexpr, V1: tl.constexpr,
     S2: tl.constexpr, N2: tl.constexpr, V2: tl.constexpr,
@@ -361,55 +383,40 @@ def _norm_cast_kernel(
     SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_OFFSET: tl.constexpr,
     SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Each program casts ``ROW_GROUPS`` groups of ``ROWS`` rows, one group after the other, after reading
-    the gain and setting the per-tensor scale once. ``CHUNK == 0``: the rows stay in registers between
-    the reduction and the cast (and so does the gain); ``CHUNK > 0``: two loops over chunks of ``CHUNK``
-    blocks, the second re-reading the rows the first just read (from L2): fewer registers, more rows in
-    flight."""
+    """Each program casts ``ROWS`` rows. ``CHUNK == 0``: the rows stay in registers between the reduction
+    and the cast; ``CHUNK > 0``: two loops over chunks of ``CHUNK`` blocks, the second re-reading the rows
+    the first just read (from L2): fewer registers, more rows in flight."""
     # float scalars arrive as float32 from Triton's launcher but may arrive as float64 from Inductor
     eps_f32 = tl.cast(eps_f32, tl.float32)
     gamma_offset = tl.cast(gamma_offset, tl.float32)
     tscale_base = tl.cast(tscale_base, tl.float32)
 
-    # the gain, and the static per-tensor scale (NVFP4) that its largest magnitude sets
-    g0 = 0.0
-    g1 = 0.0
-    g2 = 0.0
-    gain_max = 0.0
-    if HAS_GAMMA:
-        if CHUNK == 0:
-            g0 = _load_gain(gamma_ptr, 0, N0, V0, BLOCK, SPLIT)
-            gain_max = _gain_abs_max(g0, gamma_offset, HAS_OFFSET, INTERPRET)
-            if N1 > 0:
-                g1 = _load_gain(gamma_ptr, S1, N1, V1, BLOCK, SPLIT)
-                gain_max = _max_keep_nan(gain_max, _gain_abs_max(g1, gamma_offset, HAS_OFFSET, INTERPRET))
-            if N2 > 0:
-                g2 = _load_gain(gamma_ptr, S2, N2, V2, BLOCK, SPLIT)
-                gain_max = _max_keep_nan(gain_max, _gain_abs_max(g2, gamma_offset, HAS_OFFSET, INTERPRET))
-        elif FMT == 1:
-            gain_max = _gain_max_chunked(gamma_ptr, gamma_offset, HIDDEN // (BLOCK * CHUNK), CHUNK, BLOCK, SPLIT,
-                                         HAS_OFFSET, INTERPRET)
-    tscale = _tensor_scale(tscale_base, gain_max, FMT, HAS_GAMMA)
+    # the static per-tensor scale: NVFP4 with a gain reads what _gain_tensor_scale_kernel wrote
+    GAIN_SETS_SCALE: tl.constexpr = HAS_GAMMA and FMT == 1
+    if GAIN_SETS_SCALE:
+        tscale = tl.load(tscale_ptr)
+    else:
+        tscale = tscale_base
     tscale_rcp, tscale_inv = nvfp4_tensor_scale_inverses(tscale)
 
-    for group in range(ROW_GROUPS):
-        rows = (tl.program_id(0) * ROW_GROUPS + group) * ROWS + tl.arange(0, ROWS)
-        row_mask = rows < n_rows
-        if CHUNK == 0:
-            rho = _rows_in_registers(
-                x_ptr, data_ptr, scales_ptr, rows, row_mask, g0, g1, g2, gamma_offset, tscale_rcp, tscale_inv,
-                correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, N0, V0, S1, N1, V1, S2, N2, V2,
-                SPLIT, FMT, NORM, P, EPS_IN_ROOT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES,
-                HW_FP8, INTERPRET)
-        else:
-            rho = _rows_in_two_loops(
-                x_ptr, gamma_ptr, data_ptr, scales_ptr, rows, row_mask, gamma_offset, tscale_rcp, tscale_inv,
-                correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, ROWS, CHUNK, SPLIT,
-                FMT, NORM, P, EPS_IN_ROOT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
-                INTERPRET)
-        tl.store(rho_ptr + rows, rho, mask=row_mask)
-    if tl.program_id(0) == 0:
-        tl.store(tscale_ptr, tscale)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    if CHUNK == 0:
+        rho = _rows_in_registers(
+            x_ptr, gamma_ptr, data_ptr, scales_ptr, rows, row_mask, gamma_offset, tscale_rcp, tscale_inv,
+            correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, ROWS, N0, V0, S1, N1, V1, S2, N2, V2,
+            SPLIT, FMT, NORM, P, EPS_IN_ROOT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
+            INTERPRET)
+    else:
+        rho = _rows_in_two_loops(
+            x_ptr, gamma_ptr, data_ptr, scales_ptr, rows, row_mask, gamma_offset, tscale_rcp, tscale_inv,
+            correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, ROWS, CHUNK, SPLIT,
+            FMT, NORM, P, EPS_IN_ROOT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
+            INTERPRET)
+    tl.store(rho_ptr + rows, rho, mask=row_mask)
+    if not GAIN_SETS_SCALE:
+        if tl.program_id(0) == 0:
+            tl.store(tscale_ptr, tscale)
 
 
 @dataclass(frozen=True)
@@ -439,33 +446,17 @@ def block_runs(num_blocks: int, max_runs: int = _MAX_SEGMENTS) -> tuple[BlockRun
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Rows per group, warps, the chunk (in blocks) of the two-loop variant (0: rows in registers), the
-    pieces each block is loaded in (``SPLIT``; ``block size * input bytes / 16`` puts a block in one
-    thread), and the groups of rows each program casts in turn (the gain and the per-tensor scale are
-    set once per program)."""
+    """Rows per program, warps, the chunk (in blocks) of the two-loop variant (0: rows in registers), and
+    the pieces each block is loaded in (``SPLIT``; ``block size * input bytes / 16`` puts a block in one
+    thread)."""
 
-    rows_per_group: int
+    rows_per_program: int
     num_warps: int
     chunk_blocks: int = 0
     block_split: int = 1
-    row_groups: int = 1
 
 
-# NVFP4 with a gain, measured best on the H100 (rmsnorm, 16384 and 65536 rows): every program first takes
-# the largest |gain| (the per-tensor scale), so each casts 8-16 groups of rows; 8192 runs in two loops as
-# the gain in registers too took 168 registers a thread
-_NVFP4_WITH_GAIN = {
-    2048: LaunchConfig(2, 4, 0, 1, 16),
-    4096: LaunchConfig(1, 4, 0, 1, 16),
-    5120: LaunchConfig(1, 4, 64, 2, 8),
-    8192: LaunchConfig(1, 4, 128, 1, 8),
-    14336: LaunchConfig(1, 8, 128, 2, 8),
-    16384: LaunchConfig(1, 8, 256, 2, 8),
-}
-
-
-def launch_config(hidden: int, n_rows: int, fmt: str = "mxfp8", has_gain: bool = False,
-                  n_sms: int = 132) -> LaunchConfig:
+def launch_config(hidden: int, n_rows: int, fmt: str = "mxfp8", has_gain: bool = False) -> LaunchConfig:
     """The launch configuration measured best on the H100 (``benchmarks/bench_norm_cast.py --sweep``).
 
     Power-of-two rows up to 8192 (16384 for MXFP8) stay in registers: 4096
@@ -473,31 +464,25 @@ def launch_config(hidden: int, n_rows: int, fmt: str = "mxfp8", has_gain: bool =
     (4 for NVFP4: 8192 at 90-94% of the floor instead of 81-82%). Longer rows,
     and rows whose length is not a power of two, take the two-loop variant
     (chunks of 4096 elements, or of up to 2048 dividing the row), one row per
-    program; chunks of 1024 (D = 5120) take two rows from 32768 rows on (MXFP8
-    with 8 warps, 65536 x 5120: 351 instead of 401 us; NVFP4 with 4, 318 instead
-    of 331 us). Rows too short or too odd for chunks of 512 take the register
-    path in runs. NVFP4 with a gain: the table above, else the same with 8 (two
-    loops) or 16 groups of rows per program; fewer groups where that would leave
-    fewer than 8 programs per streaming multiprocessor (``n_sms``, 132 on the
-    H100): 4096 x 2048 took 27% of the floor with 16 groups.
+    program; chunks of 1024 (D = 5120) take two rows from 32768 rows on for
+    MXFP8 (with 8 warps, 65536 x 5120: 351 instead of 401 us), from 16384 rows
+    for NVFP4 (with 4; RMSNorm with a gain, 16384 x 5120: 88 instead of 93 us).
+    Rows too short or too odd for chunks of 512 take the register path in runs.
+    NVFP4 rows of 8192 with a gain take two loops (chunks of 2048): 92-101% of
+    the floor against 88-93% in registers, where the gain took 168 registers a
+    thread. (The row count is only compared with thresholds, so under dynamic
+    shapes each rule is one guard and its value is never pinned.)
     """
     spec = get_format(fmt)
-    if spec.tensor_scale and has_gain:
-        cfg = _NVFP4_WITH_GAIN.get(hidden)
-        if cfg is None:
-            cfg = launch_config(hidden, n_rows, fmt)
-            cfg = replace(cfg, row_groups=8 if cfg.chunk_blocks else 16)
-        groups = cfg.row_groups
-        # (comparisons only: with dynamic shapes, each becomes one threshold guard on the row count)
-        while groups > 1 and n_rows < groups * cfg.rows_per_group * 8 * n_sms:
-            groups //= 2
-        return replace(cfg, row_groups=groups)
     num_blocks = hidden // spec.block_size
     pow2 = hidden & (hidden - 1) == 0
+    gain_in_registers_spills = spec.tensor_scale and has_gain and hidden == 8192
+    if gain_in_registers_spills:
+        return LaunchConfig(1, 4, chunk_blocks_for(num_blocks, 2048 // spec.block_size))
     if not (pow2 and (hidden <= 8192 or (hidden <= 16384 and not spec.tensor_scale))):
         chunk = chunk_blocks_for(num_blocks, (4096 if pow2 else 2048) // spec.block_size)
         chunk_elems = chunk * spec.block_size
-        if chunk_elems == 1024 and n_rows >= 32768:
+        if chunk_elems == 1024 and n_rows >= (16384 if spec.tensor_scale else 32768):
             return LaunchConfig(2, 4 if spec.tensor_scale else 8, chunk)
         if chunk_elems >= 512:
             return LaunchConfig(1, min(8, max(4, chunk_elems // 256)), chunk)
@@ -583,27 +568,30 @@ def norm_cast_triton(
     rho = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     tscale_base = static_tensor_scale_base(hidden, fmt=fmt, norm=norm, p=p, correction=correction)
 
-    if n_rows == 0:  # nothing to launch; the per-tensor scale still comes back
-        tscale = torch.full((), tscale_base, dtype=torch.float32, device=x.device)
-        if spec.tensor_scale and gamma is not None:
-            tscale = torch.clamp(tscale * effective_gain(gamma, gamma_offset).abs().amax(), min=_MIN_TENSOR_SCALE)
-    else:
-        tscale = torch.empty((), dtype=torch.float32, device=x.device)
+    interpret = is_interpreted(_norm_cast_kernel)
+    gamma = gamma.contiguous() if gamma is not None else None
+    tscale = torch.empty((), dtype=torch.float32, device=x.device)
+    if spec.tensor_scale and gamma is not None:
+        launch(_gain_tensor_scale_kernel, (1,), gamma, tscale, float(gamma_offset), tscale_base,
+               HIDDEN=hidden, CHUNK=min(triton.next_power_of_2(hidden), 4096), HAS_OFFSET=gamma_offset != 0.0,
+               INTERPRET=interpret, num_warps=4)
+    elif n_rows == 0:  # no cast kernel to write it
+        tscale.fill_(tscale_base)
+
+    if n_rows:
         runs = block_runs(num_blocks)
         runs = runs + (BlockRun(0, 0, 0),) * (_MAX_SEGMENTS - len(runs))
-        n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        cfg = launch_cfg or launch_config(hidden, n_rows, spec.name, has_gain=gamma is not None, n_sms=n_sms)
+        cfg = launch_cfg or launch_config(hidden, n_rows, spec.name, has_gain=gamma is not None)
         if spec.block_size % cfg.block_split:
             raise ValueError(f"block_split={cfg.block_split} must divide the block size {spec.block_size}")
         chunk = chunk_blocks_for(num_blocks, cfg.chunk_blocks) if cfg.chunk_blocks else 0
-        interpret = is_interpreted(_norm_cast_kernel)
         hardware_fp8 = not interpret and _has_fp8_conversion(x.device)
-        grid = (triton.cdiv(n_rows, cfg.rows_per_group * cfg.row_groups),)
+        grid = (triton.cdiv(n_rows, cfg.rows_per_program),)
         launch(
             _norm_cast_kernel, grid,
-            x2d, gamma.contiguous() if gamma is not None else x2d, data, scales, rho, tscale,
+            x2d, gamma if gamma is not None else x2d, data, scales, rho, tscale,
             n_rows, *_float64_halves(correction), *_float64_halves(eps), float(eps), float(gamma_offset), tscale_base,
-            HIDDEN=hidden, BLOCK=spec.block_size, ROWS=cfg.rows_per_group, ROW_GROUPS=cfg.row_groups,
+            HIDDEN=hidden, BLOCK=spec.block_size, ROWS=cfg.rows_per_program,
             N0=runs[0].count, V0=runs[0].valid,
             S1=runs[1].start, N1=runs[1].count, V1=runs[1].valid,
             S2=runs[2].start, N2=runs[2].count, V2=runs[2].valid, CHUNK=chunk, SPLIT=cfg.block_split,

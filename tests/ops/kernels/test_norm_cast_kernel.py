@@ -39,6 +39,7 @@ from mxrewrite.ops.kernels.norm_cast import (  # noqa: E402
     chunk_blocks_for,
     launch_config,
     norm_cast_triton,
+    static_tensor_scale_base,
 )
 
 CORRECTION = 0.418492
@@ -176,8 +177,8 @@ def encode_kernel(x_ptr, e4m3_ptr, e2m1_ptr, pair_ptr, n, HW: tl.constexpr, BLOC
     y = tl.load(x_ptr + offs, mask=offs < n)
     partner = tl.load(x_ptr + (n - 1 - offs), mask=offs < n)  # x reversed: every value meets another
     tl.store(e4m3_ptr + offs, e4m3_encode(y, HW), mask=offs < n)
-    tl.store(e2m1_ptr + offs, e2m1_pack(y, tl.zeros_like(y)).to(tl.uint8), mask=offs < n)  # (+0 -> code 0)
-    tl.store(pair_ptr + offs, e2m1_pack(y, partner).to(tl.uint8), mask=offs < n)
+    tl.store(e2m1_ptr + offs, e2m1_pack(y, tl.zeros_like(y), HW), mask=offs < n)  # (+0 -> code 0)
+    tl.store(pair_ptr + offs, e2m1_pack(y, partner, HW), mask=offs < n)
 
 
 def encode_with_codecs(x: torch.Tensor, hardware_fp8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -317,17 +318,14 @@ def test_chunks_divide_the_row():
     assert chunk_blocks_for(448, 64) == 64 and chunk_blocks_for(160, 64) == 32
 
 
-def test_launch_config_groups_rows_only_where_programs_remain_for_every_sm():
-    """NVFP4 with a gain casts several groups of rows per program, but keeps 8 programs per SM."""
-    for hidden in (2048, 5120, 8192, 16384, 3072, 256):
-        for n_rows in (1, 100, 4096, 16384, 65536, 10**6):
-            cfg = launch_config(hidden, n_rows, "nvfp4", has_gain=True, n_sms=132)
-            programs = triton.cdiv(n_rows, cfg.rows_per_group * cfg.row_groups)
-            assert cfg.row_groups == 1 or programs >= 8 * 132, (hidden, n_rows, cfg)
-            assert cfg.row_groups & (cfg.row_groups - 1) == 0
-    assert launch_config(2048, 65536, "nvfp4", has_gain=True).row_groups == 16
-    assert launch_config(2048, 65536, "nvfp4").row_groups == 1
-    assert launch_config(2048, 65536, "mxfp8", has_gain=True).row_groups == 1
+def test_launch_config_for_nvfp4_with_a_gain():
+    """NVFP4 with a gain takes the configurations without one, but rows of 8192 in two loops."""
+    for hidden in (2048, 4096, 5120, 14336, 16384):
+        for n_rows in (1, 4096, 65536):
+            assert launch_config(hidden, n_rows, "nvfp4", has_gain=True) == launch_config(hidden, n_rows, "nvfp4")
+    assert launch_config(8192, 65536, "nvfp4").chunk_blocks == 0
+    assert launch_config(8192, 65536, "nvfp4", has_gain=True) == LaunchConfig(1, 4, 2048 // 16)
+    assert launch_config(8192, 65536, "mxfp8", has_gain=True) == launch_config(8192, 65536, "mxfp8")
 
 
 def test_launch_config_guards_a_symbolic_row_count_only_by_thresholds():
@@ -401,12 +399,10 @@ if INTERPRETED:
     @pytest.mark.parametrize("fmt", FORMATS)
     def test_interp_two_loop_variant(fmt, norm, p, eps_in_root):
         """The chunked variant (two loops, the second re-reading the rows) gives the same bits, as do blocks
-    loaded in two pieces and programs that cast several groups of rows (the last one partly masked)."""
+    loaded in two pieces and programs of several rows (the last one partly masked)."""
         for shape, cfg in [((5, 192), LaunchConfig(2, 4, 4)), ((3, 256), LaunchConfig(4, 4, 4)),
                            ((2, 96), LaunchConfig(1, 4, 1)), ((5, 192), LaunchConfig(2, 4, 2, block_split=2)),
-                           ((3, 256), LaunchConfig(2, 4, 0, block_split=2)),
-                           ((7, 192), LaunchConfig(1, 4, 2, row_groups=3)),
-                           ((7, 256), LaunchConfig(2, 4, 0, row_groups=2))]:
+                           ((3, 256), LaunchConfig(2, 4, 0, block_split=2)), ((7, 256), LaunchConfig(4, 4, 0))]:
             x = random_rows(shape, torch.bfloat16, seed=shape[-1])
             for has_gamma, offset in GAINS:
                 gamma = gain(shape[-1], torch.float32, seed=3) if has_gamma else None
@@ -426,6 +422,20 @@ if INTERPRETED:
             for norm, p, eps_in_root in NORM_CASES[::2]:
                 check_against_reference(x, gamma, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
                                         gamma_offset=offset)
+
+    def test_interp_nvfp4_tensor_scale_reads_only_the_gain():
+        """NVFP4's per-tensor scale comes from max|1 + gamma| over the real elements only: here below 1, so a
+        padded or masked element (gamma = 0, |1 + 0| = 1) would raise it. Rows of 240 are cast in runs of
+        8, 4 and 4 blocks (the last padded); 4112 takes two masked chunks in the kernel that reduces the gain."""
+        for hidden in (240, 4112):
+            gamma = (gain(hidden, torch.float32, 9) * 0.1 - 0.5).to(torch.bfloat16)
+            for rows in (3, 0):
+                x = gaussian_rows((rows, hidden), torch.bfloat16, seed=hidden)
+                for norm, p in (("rmsnorm", 2), ("mxnorm", 1)):
+                    _, _, _, tscale = check_against_reference(x, gamma, fmt="nvfp4", norm=norm, p=p,
+                                                              gamma_offset=1.0)
+                    assert tscale.item() < static_tensor_scale_base(hidden, fmt="nvfp4", norm=norm, p=p,
+                                                                    correction=CORRECTION)
 
     @pytest.mark.parametrize("fmt", FORMATS)
     def test_interp_row_counts_and_layouts(fmt):
@@ -474,10 +484,10 @@ def test_gpu_hidden_sizes(hidden, fmt, norm, p, eps_in_root):
 @pytest.mark.parametrize("hidden", (5120, 16384))
 def test_gpu_two_loop_variant_with_gain(hidden, fmt, norm, p, eps_in_root):
     """The two-loop variant with a gain (the hidden-size tests cover it without one), two rows a program,
-    whole blocks per thread in both variants, and programs that cast several groups of rows."""
+    and whole blocks per thread in both variants."""
     x = gaussian_rows((301, hidden), torch.bfloat16, seed=hidden + 7, device="cuda")
     for cfg in (LaunchConfig(2, 8, 32), LaunchConfig(1, 8, 32, block_split=2), LaunchConfig(1, 8, 0, block_split=2),
-                LaunchConfig(1, 8, 32, row_groups=4), LaunchConfig(1, 8, 0, row_groups=8)):
+                LaunchConfig(2, 4, 64)):
         check_against_reference(x, gain(hidden, torch.bfloat16, 5, "cuda"), fmt=fmt, norm=norm, p=p,
                                 eps_in_root=eps_in_root, gamma_offset=1.0, launch_cfg=cfg)
 
@@ -546,21 +556,25 @@ def test_gpu_branch_free_divisions_match_ieee():
 
 
 @gpu
-def test_gpu_compiled_graph_contains_the_kernel():
-    """torch.compile(fullgraph=True) sees the Triton kernel itself (triton_op), and computes the same bits."""
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_compiled_graph_contains_the_kernel(fmt):
+    """torch.compile(fullgraph=True) sees the Triton kernels themselves (triton_op; NVFP4 with a gain runs
+    the per-tensor-scale kernel first), and computes the same bits."""
     from torch._inductor.utils import run_and_get_code
 
     import mxrewrite.ops  # noqa: F401  (registers the ops)
 
     def f(x, gamma):
-        return torch.ops.mxrewrite.norm_cast(x, gamma, "mxfp8", "mxnorm", 2, "rceil", 1e-6, CORRECTION, 1.0, True)
+        return torch.ops.mxrewrite.norm_cast(x, gamma, fmt, "rmsnorm", 2, "rceil", 1e-6, CORRECTION, 1.0, True)
 
     x = gaussian_rows((256, 5120), torch.bfloat16, seed=0, device="cuda")
     gamma = gain(5120, torch.bfloat16, 1, "cuda")
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     out, codes = run_and_get_code(compiled, x, gamma)
-    assert any("_norm_cast_kernel" in code for code in codes), "Inductor's code does not launch _norm_cast_kernel"
+    kernels = ["_norm_cast_kernel"] + (["_gain_tensor_scale_kernel"] if fmt == "nvfp4" else [])
+    for kernel in kernels:
+        assert any(kernel in code for code in codes), f"Inductor's code does not launch {kernel}"
     for a, b in zip(out, f(x, gamma)):
         assert torch.equal(a, b)
 
