@@ -24,8 +24,9 @@ variant is checked in the same run on sampled rows: ours bit for bit against
 cast of ``x * rho``), the baselines by their dequantised error against an fp32
 RMSNorm.
 
-``--sweep`` times our kernel over (rows per program, warps) configurations
-instead, to choose :func:`mxrewrite.ops.kernels.norm_cast.launch_config`.
+``--sweep`` times our kernel over launch configurations (rows per program,
+warps, chunk) instead, rmsnorm with the gain as above, to choose
+:func:`mxrewrite.ops.kernels.norm_cast.launch_config`.
 
 Reproduce on the H100 (torchao and tabulate installed, as wheels there: ../shared/GPU.md):
 ``python benchmarks/bench_norm_cast.py --out DIR`` (``--formats mxfp8`` or ``nvfp4`` to split the run).
@@ -65,7 +66,7 @@ SPEEDUP_TARGET = 1.5  # MXFP8 mxnorm over the baseline where M*D >= 64M
 # tried by --sweep: rows held in registers, (elements per program, warps), 8 to 64 elements per thread ...
 SWEEP_POINTS = [(4096, 4), (8192, 8), (16384, 8), (16384, 16), (32768, 16)]
 # ... and the two-loop variant, (rows per program, warps, elements per chunk)
-SWEEP_CHUNKED = [(1, 4, 2048), (1, 8, 4096), (2, 8, 2048), (4, 8, 1024)]
+SWEEP_CHUNKED = [(1, 4, 2048), (1, 8, 4096), (2, 8, 2048), (2, 4, 1024), (2, 8, 1024), (4, 8, 1024)]
 
 
 @dataclass(frozen=True)
@@ -267,10 +268,15 @@ def check_baseline(fmt: str, x: torch.Tensor, gain: torch.Tensor | None, out) ->
 
 # ---------------------------------------------------------------- runs
 
+def bench_gain(d: int) -> torch.Tensor:
+    """The RMSNorm weight of every timed rmsnorm: bf16 around 1."""
+    return (torch.randn(d, device=DEVICE) * 0.2 + 1.0).to(torch.bfloat16)
+
+
 def run_shape(fmt: str, m: int, d: int, bandwidth: float, log) -> list[Result]:
     torch._dynamo.reset()
     inputs = rotating_inputs(m, d, seed=m + d)
-    gain = (torch.randn(d, device=DEVICE) * 0.2 + 1.0).to(torch.bfloat16)
+    gain = bench_gain(d)
     floor_us = floor_bytes(fmt, m, d) / bandwidth * 1e6
     results = []
     for name, (fn, compile_it) in variants(fmt, d, gain).items():
@@ -310,11 +316,12 @@ def run_sweep(fmts, shapes, norms, bandwidth: float, log) -> list[Result]:
             configs += [LaunchConfig(r, w, chunk_blocks_for(d // block, chunk // block))
                         for r, w, chunk in SWEEP_CHUNKED if chunk < d]
             for norm in norms:
+                gain = bench_gain(d) if norm == "rmsnorm" else None
                 for cfg in [None, *configs]:
-                    chosen = cfg or launch_config(d, m, fmt)
+                    chosen = cfg or launch_config(d, m, fmt, has_gain=gain is not None)
 
-                    def fn(x, cfg=chosen, norm=norm):
-                        return norm_cast_triton(x, None, fmt=fmt, norm=norm, p=2, scale_mode="rceil", eps=EPS,
+                    def fn(x, cfg=chosen, norm=norm, gain=gain):
+                        return norm_cast_triton(x, gain, fmt=fmt, norm=norm, p=2, scale_mode="rceil", eps=EPS,
                                                 correction=c, launch_cfg=cfg)
 
                     try:
