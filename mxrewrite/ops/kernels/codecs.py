@@ -1,4 +1,5 @@
-"""Triton device functions for the number formats: E8M0 scale exponents, e4m3 and e2m1 encodes.
+"""Triton device functions for the number formats: E8M0 scale exponents, e4m3 and e2m1 encodes, and the
+widening of bfloat16 pairs.
 
 Each one computes exactly what the PyTorch reference in :mod:`mxrewrite.formats`
 computes (integer arithmetic on float32 bit patterns; IEEE divisions, or for the
@@ -10,7 +11,8 @@ float32 -> float8_e4m3fn has two implementations behind a constexpr switch:
 the hardware conversion (``cvt.rn.satfinite.e4m3x2.f32`` on sm_89+) for GPU
 kernels, and a software encoder (c10's ``fp8e4m3fn_from_fp32_value``, round to
 nearest even) for Triton's interpreter, whose float8 casts neither round to
-nearest even nor saturate.
+nearest even nor saturate. The e2m1 byte pack likewise: byte permutes in inline
+PTX on the GPU, the same bits from integer arithmetic under the interpreter.
 """
 
 from __future__ import annotations
