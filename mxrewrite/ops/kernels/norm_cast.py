@@ -158,48 +158,31 @@ def _run_stat(x, NORM: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _load_gain(gamma_ptr, START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-               ROWS: tl.constexpr, PAIRS: tl.constexpr):
-    """``gamma`` of one run of blocks as stored, once for each of ``ROWS`` rows (from L1): ``[ROWS, SPLIT, NB,
-    BLOCK // SPLIT]``, laid out as the rows' run is, so that multiplying needs no layout conversion (zeros
-    where masked; with ``PAIRS``, bfloat16 as pairs in 32-bit words, half as long). :func:`_gain_value`
-    makes the float32 gain of it."""
-    mask = (tl.arange(0, NB) < VALID)[None, None, :, None]
-    every_row = tl.zeros((ROWS, 1, 1, 1), tl.int32)
-    if PAIRS and gamma_ptr.dtype.element_ty == tl.bfloat16:
-        words = gamma_ptr.to(tl.pointer_type(tl.uint32)) + every_row + _run_offsets(START, NB, BLOCK // 2, SPLIT)[None]
-        gamma = tl.load(words, mask=mask, other=0) if VALID < NB else tl.load(words)
-    else:
-        values = gamma_ptr + _run_offsets(START, NB, BLOCK, SPLIT)[None] + every_row
-        gamma = tl.load(values, mask=mask, other=0.0) if VALID < NB else tl.load(values)
-    return gamma
-
-
-@triton.jit
-def _gain_value(gamma, gamma_offset, HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
-    """The gain ``gamma (+ offset)`` in float32 (``gamma`` from :func:`_load_gain`)."""
-    if gamma.dtype == tl.uint32:
-        gain = bf16_pairs_to_float32(gamma)
-    else:
-        gain = to_float32(gamma, INTERPRET)
+def _load_gain(gamma_ptr, gamma_offset, START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr,
+               SPLIT: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """The gain ``gamma (+ offset)`` of one run of blocks in float32, once for each of ``ROWS`` rows (from
+    L1), ``[ROWS, SPLIT, NB, BLOCK // SPLIT]``: laid out as the rows' run is, so multiplying needs no layout
+    conversion."""
+    every_row = tl.zeros((ROWS,), tl.int64)
+    gain = _load_run(gamma_ptr, every_row, every_row == 0, START, NB, VALID, BLOCK, SPLIT, PAIRS, INTERPRET, "")
     if HAS_OFFSET:
         gain = gain + gamma_offset
     return gain
 
 
 @triton.jit
-def _cast_run(x, rho, gamma, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr,
+def _cast_run(x, rho, gain, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr,
               START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
               HIDDEN: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr,
-              HAS_OFFSET: tl.constexpr, SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr,
-              INTERPRET: tl.constexpr):
+              SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr):
     """Cast ``x * rho (* gain)`` for one run of blocks and store its data and block scales."""
     col = START + tl.arange(0, NB)
     block_mask = row_mask[:, None] & (tl.arange(0, NB) < VALID)[None, :]
     elem_mask = block_mask[:, None, :, None]
     xhat = x * rho[:, None, None, None]
     if HAS_GAMMA:
-        xhat = xhat * _gain_value(gamma, gamma_offset, HAS_OFFSET, INTERPRET)
+        xhat = xhat * gain
     # (not max|x| * rho: that misses the NaN of 0 * rho when rho is inf)
     amax = _block_abs_max(xhat)
 
@@ -268,89 +251,6 @@ def _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN: tl
 
 
 @triton.jit
-def _rows_in_registers(
-    x_ptr, gamma_ptr, data_ptr, scales_ptr, rows, row_mask, gamma_offset, tscale_rcp, tscale_inv,
-    correction_hi, correction_lo, eps_hi, eps_lo, eps_f32,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-    N0: tl.constexpr, V0: tl.constexpr,
-    S1: tl.constexpr, N1: tl.constexpr, V1: tl.constexpr,
-    S2: tl.constexpr, N2: tl.constexpr, V2: tl.constexpr, SPLIT: tl.constexpr,
-    FMT: tl.constexpr, NORM: tl.constexpr, P: tl.constexpr, EPS_IN_ROOT: tl.constexpr,
-    SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_OFFSET: tl.constexpr,
-    SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """Norm and cast of ``rows`` held in registers (up to three runs N0, N1, N2 of blocks); returns ``rho``."""
-    row_offs = rows.to(tl.int64) * HIDDEN
-    x0 = _load_run(x_ptr, row_offs, row_mask, 0, N0, V0, BLOCK, SPLIT, FMT == 1, INTERPRET, "")
-    stat = _run_stat(x0, NORM, P)
-    if N1 > 0:
-        x1 = _load_run(x_ptr, row_offs, row_mask, S1, N1, V1, BLOCK, SPLIT, FMT == 1, INTERPRET, "")
-        stat += _run_stat(x1, NORM, P)
-    if N2 > 0:
-        x2 = _load_run(x_ptr, row_offs, row_mask, S2, N2, V2, BLOCK, SPLIT, FMT == 1, INTERPRET, "")
-        stat += _run_stat(x2, NORM, P)
-    g0 = 0.0
-    g1 = 0.0
-    g2 = 0.0
-    if HAS_GAMMA:
-        g0 = _load_gain(gamma_ptr, 0, N0, V0, BLOCK, SPLIT, ROWS, FMT == 1)
-        if N1 > 0:
-            g1 = _load_gain(gamma_ptr, S1, N1, V1, BLOCK, SPLIT, ROWS, FMT == 1)
-        if N2 > 0:
-            g2 = _load_gain(gamma_ptr, S2, N2, V2, BLOCK, SPLIT, ROWS, FMT == 1)
-    rho = _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, NORM, P, EPS_IN_ROOT,
-               INTERPRET)
-    _cast_run(x0, rho, g0, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, 0, N0, V0,
-              BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
-              INTERPRET)
-    if N1 > 0:
-        _cast_run(x1, rho, g1, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, S1, N1, V1,
-                  BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
-                  INTERPRET)
-    if N2 > 0:
-        _cast_run(x2, rho, g2, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, S2, N2, V2,
-                  BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
-                  INTERPRET)
-    return rho
-
-
-@triton.jit
-def _rows_in_two_loops(
-    x_ptr, gamma_ptr, data_ptr, scales_ptr, rows, row_mask, gamma_offset, tscale_rcp, tscale_inv,
-    correction_hi, correction_lo, eps_hi, eps_lo, eps_f32,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
-    FMT: tl.constexpr, NORM: tl.constexpr, P: tl.constexpr, EPS_IN_ROOT: tl.constexpr,
-    SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_OFFSET: tl.constexpr,
-    SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """Norm and cast of ``rows`` in chunks of ``CHUNK`` blocks: a loop for the statistic, a second one that
-    re-reads the chunks (from L2) and casts them; returns ``rho``."""
-    NUM_CHUNKS: tl.constexpr = HIDDEN // (BLOCK * CHUNK)
-    row_offs = rows.to(tl.int64) * HIDDEN
-    # per-block partial sums, reduced across the row once after the loop (no barrier per chunk)
-    if NORM == 0:
-        partial = tl.zeros((ROWS, CHUNK), tl.float64)
-    else:
-        partial = tl.zeros((ROWS, CHUNK), tl.float32)
-    for c in range(NUM_CHUNKS):
-        xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, FMT == 1, INTERPRET,
-                       "evict_last")
-        partial += _block_stat(xc, NORM, P)
-    rho = _rho(tl.sum(partial, axis=1), correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK,
-               NORM, P, EPS_IN_ROOT, INTERPRET)
-    for c in range(NUM_CHUNKS):
-        xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, FMT == 1, INTERPRET,
-                       "evict_first")
-        gc = 0.0
-        if HAS_GAMMA:
-            gc = _load_gain(gamma_ptr, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, ROWS, FMT == 1)
-        _cast_run(xc, rho, gc, gamma_offset, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr,
-                  c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE,
-                  SWIZZLE_COL_TILES, HW_FP8, INTERPRET)
-    return rho
-
-
-@triton.jit
 def _gain_tensor_scale_kernel(gamma_ptr, tscale_ptr, gamma_offset, tscale_base, HIDDEN: tl.constexpr,
                               CHUNK: tl.constexpr, HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
     """The NVFP4 per-tensor scale ``max(base * max|gain|, 2**-120)`` (NaN if the gain has one), by one
@@ -399,20 +299,62 @@ def _norm_cast_kernel(
         tscale = tscale_base
     tscale_rcp, tscale_inv = nvfp4_tensor_scale_inverses(tscale)
 
+    PAIRS: tl.constexpr = FMT == 1
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
+    row_offs = rows.to(tl.int64) * HIDDEN
     if CHUNK == 0:
-        rho = _rows_in_registers(
-            x_ptr, gamma_ptr, data_ptr, scales_ptr, rows, row_mask, gamma_offset, tscale_rcp, tscale_inv,
-            correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, ROWS, N0, V0, S1, N1, V1, S2, N2, V2,
-            SPLIT, FMT, NORM, P, EPS_IN_ROOT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
-            INTERPRET)
+        x0 = _load_run(x_ptr, row_offs, row_mask, 0, N0, V0, BLOCK, SPLIT, PAIRS, INTERPRET, "")
+        stat = _run_stat(x0, NORM, P)
+        if N1 > 0:
+            x1 = _load_run(x_ptr, row_offs, row_mask, S1, N1, V1, BLOCK, SPLIT, PAIRS, INTERPRET, "")
+            stat += _run_stat(x1, NORM, P)
+        if N2 > 0:
+            x2 = _load_run(x_ptr, row_offs, row_mask, S2, N2, V2, BLOCK, SPLIT, PAIRS, INTERPRET, "")
+            stat += _run_stat(x2, NORM, P)
+        rho = _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, NORM, P, EPS_IN_ROOT,
+                   INTERPRET)
+        # (the gain after the reduction: loaded before it, the float32 gain stayed live across it, 85
+        # registers a thread instead of 64 for NVFP4 at D = 4096)
+        g0 = 0.0
+        g1 = 0.0
+        g2 = 0.0
+        if HAS_GAMMA:
+            g0 = _load_gain(gamma_ptr, gamma_offset, 0, N0, V0, BLOCK, SPLIT, ROWS, PAIRS, HAS_OFFSET, INTERPRET)
+            if N1 > 0:
+                g1 = _load_gain(gamma_ptr, gamma_offset, S1, N1, V1, BLOCK, SPLIT, ROWS, PAIRS, HAS_OFFSET, INTERPRET)
+            if N2 > 0:
+                g2 = _load_gain(gamma_ptr, gamma_offset, S2, N2, V2, BLOCK, SPLIT, ROWS, PAIRS, HAS_OFFSET, INTERPRET)
+        _cast_run(x0, rho, g0, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, 0, N0, V0, BLOCK, SPLIT,
+                  HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
+        if N1 > 0:
+            _cast_run(x1, rho, g1, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, S1, N1, V1, BLOCK,
+                      SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
+        if N2 > 0:
+            _cast_run(x2, rho, g2, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, S2, N2, V2, BLOCK,
+                      SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
     else:
-        rho = _rows_in_two_loops(
-            x_ptr, gamma_ptr, data_ptr, scales_ptr, rows, row_mask, gamma_offset, tscale_rcp, tscale_inv,
-            correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, ROWS, CHUNK, SPLIT,
-            FMT, NORM, P, EPS_IN_ROOT, SCALE_MODE, HAS_GAMMA, HAS_OFFSET, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8,
-            INTERPRET)
+        NUM_CHUNKS: tl.constexpr = HIDDEN // (BLOCK * CHUNK)
+        # per-block partial sums, reduced across the row once after the loop (no barrier per chunk)
+        if NORM == 0:
+            partial = tl.zeros((ROWS, CHUNK), tl.float64)
+        else:
+            partial = tl.zeros((ROWS, CHUNK), tl.float32)
+        for c in range(NUM_CHUNKS):
+            xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, PAIRS, INTERPRET,
+                           "evict_last")
+            partial += _block_stat(xc, NORM, P)
+        rho = _rho(tl.sum(partial, axis=1), correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK,
+                   NORM, P, EPS_IN_ROOT, INTERPRET)
+        for c in range(NUM_CHUNKS):
+            xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, PAIRS, INTERPRET,
+                           "evict_first")
+            gc = 0.0
+            if HAS_GAMMA:
+                gc = _load_gain(gamma_ptr, gamma_offset, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, ROWS, PAIRS,
+                                HAS_OFFSET, INTERPRET)
+            _cast_run(xc, rho, gc, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, c * CHUNK, CHUNK,
+                      CHUNK, BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
     tl.store(rho_ptr + rows, rho, mask=row_mask)
     if not GAIN_SETS_SCALE:
         if tl.program_id(0) == 0:
