@@ -1,7 +1,11 @@
-"""Main job: a Llama-3-style model from transformers, rewritten by mxrewrite, report and verify printed.
+"""Main job: a Llama-3-style model from transformers, rewritten by mxrewrite, compiled, trained, reported.
 
     python examples/llama_report.py                 # MXFP8 MXNorm (p=2), CPU or GPU
-    python examples/llama_report.py --format nvfp4 --grads
+    python examples/llama_report.py --format nvfp4 --grads --no-compile
+
+The flow a user follows: ``optimize`` the model, ``torch.compile`` it, train a few
+steps with the transformers loss (``labels=``), print the report and the
+numerics against the original (``verify``), then ``generate()`` a few tokens.
 
 The model is built from ``transformers.LlamaConfig`` with Llama 3's structure
 (GQA with 4x fewer KV heads, SwiGLU with ffn = 3.5 d, RoPE theta 500k, untied
@@ -38,24 +42,48 @@ def build(hidden: int = 512, layers: int = 4, batch: int = 2, seq: int = 128, se
     return model, (input_ids,)
 
 
+def train(model, input_ids: torch.Tensor, steps: int, compile_model: bool) -> None:
+    """A few AdamW steps on the transformers causal-LM loss, through torch.compile unless told otherwise."""
+    model.train()
+    step_fn = torch.compile(model) if compile_model else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(steps):
+        loss = step_fn(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        print(f"step {step}: loss {loss.item():.4f}")
+    model.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", default="mxfp8", choices=["mxfp8", "nvfp4"])
     parser.add_argument("--norm", default="mxnorm", choices=["mxnorm", "rmsnorm"])
     parser.add_argument("--p", type=int, default=2, choices=[1, 2])
+    parser.add_argument("--steps", type=int, default=3, help="training steps")
+    parser.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     parser.add_argument("--grads", action="store_true", help="also compare parameter gradients")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
+    if args.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # the float32 model's high-precision GEMMs on TF32
     model, (input_ids,) = build()
     model, input_ids = model.to(args.device), input_ids.to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Llama-3-style model: {n_params / 1e6:.1f}M parameters, input {tuple(input_ids.shape)}, {args.device}")
 
     optimized = mxrewrite.optimize(model, (input_ids,), format=args.format, norm=args.norm, p=args.p, progress=True)
+    print(f"optimized: {type(optimized).__name__} (the same class), parameters shared with the original model\n")
+    train(optimized, input_ids, args.steps, compile_model=not args.no_compile)
+    print()
     print(mxrewrite.get_report(optimized))
     print()
     print(mxrewrite.verify(model, optimized, (input_ids,), grads=args.grads))
+    prompt = input_ids[:1, :8]
+    tokens = optimized.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    print(f"\ngenerate(): prompt {prompt.tolist()[0]} -> new tokens {tokens[0, prompt.shape[1]:].tolist()}")
 
 
 if __name__ == "__main__":

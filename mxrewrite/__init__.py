@@ -7,14 +7,13 @@
     compiled = torch.compile(opt, fullgraph=True)
 """
 
-from mxrewrite import errors, formats, ops
-from mxrewrite.api import MXOptimized, get_report, optimize
+from mxrewrite import errors, formats, modules, ops
+from mxrewrite.api import get_report, optimize
 from mxrewrite.config import RewriteConfig
 from mxrewrite.report import Report, Site
 from mxrewrite.verify import Thresholds, VerifyResult, verify
 
 __all__ = [
-    "MXOptimized",
     "Report",
     "RewriteConfig",
     "Site",
@@ -22,6 +21,7 @@ __all__ = [
     "VerifyResult",
     "errors",
     "formats",
+    "modules",
     "get_report",
     "ops",
     "optimize",

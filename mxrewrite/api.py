@@ -1,26 +1,47 @@
-"""``optimize`` and ``get_report``: the public entry points (DESIGN.md, "The public API")."""
+"""``optimize`` and ``get_report``: the public entry points (DESIGN.md, "The public API").
+
+``optimize`` returns the user's model rewritten in place of modules: a copy that
+keeps the model's class, methods, forward code and module tree and shares its
+parameters and buffers (the same tensor objects), in which each rewritten
+site's norm and the linears it feeds are mxrewrite modules. The pipeline:
+
+1. capture the model for analysis (one block per structure of a repeated
+   stack; when the whole model cannot be captured, each submodule that can be);
+2. match the RMSNorms, 3. plan the sites (graph, then modules),
+4. rewrite the modules of the copy, 5. lower (log the kernels used),
+and the report. Capture only finds and confirms sites: the code that runs is
+the model's own forward.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import types
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import replace
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from mxrewrite.config import RewriteConfig
-from mxrewrite.errors import ConfigError, MXRewriteError
+from mxrewrite.errors import CaptureError, ConfigError, MXRewriteError
+from mxrewrite.modules import replacement_for
 from mxrewrite.passes.calibrate import measure_corrections
 from mxrewrite.passes.capture import capture
 from mxrewrite.passes.lower import lower
-from mxrewrite.passes.match import find_rms_norms
-from mxrewrite.passes.plan import Plan, plan
-from mxrewrite.passes.rewrite import rewrite
+from mxrewrite.passes.match import RejectedCandidate, find_rms_norms
+from mxrewrite.passes.module_plan import ModuleSite, module_sites
+from mxrewrite.passes.plan import plan
+from mxrewrite.passes.repeated import BlockGroups, block_copies, rebase, representatives
+from mxrewrite.passes.rewrite import rewrite, shared_copy
 from mxrewrite.report import Report, build_report
 
 log = logging.getLogger(__name__)
+
+__all__ = ["get_report", "optimize", "split_inputs"]
 
 Inputs = Any  # a tensor, a tuple of args, a tuple ending in a kwargs dict, or a kwargs dict
 
@@ -43,122 +64,195 @@ def split_inputs(inputs: Inputs) -> tuple[tuple, dict]:
                       f"kwargs) or a dict of kwargs, got {type(inputs).__name__}")
 
 
-class MXOptimized(nn.Module):
-    """The rewritten model: an ``nn.Module`` sharing the original's parameters under the same names.
+# ---------------------------------------------------------------------------
+# analysis: capture -> match -> plan, per captured region
 
-    It exposes the original model's submodules, parameters and buffers (so
-    ``state_dict`` keys match and optimizers see the same tensors) and runs the
-    rewritten graph, captured from the first call when ``optimize`` was given
-    no example inputs. ``graph_module`` is that graph, ``mx_report`` the report,
-    ``mx_plan`` the plan it came from.
-    """
+@contextlib.contextmanager
+def _plain_linears(module: nn.Module) -> Iterator[None]:
+    """While capturing, run ``nn.Linear`` subclasses whose forward another library owns (torchao's
+    ``Float8Linear``...) as plain linears: export cannot always trace them, and for finding sites a linear is
+    a linear. They are never replaced, so what they compute at run time is theirs."""
+    owned = [m for m in module.modules()
+             if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward and replacement_for(m) is None]
+    for m in owned:
+        m.forward = types.MethodType(nn.Linear.forward, m)
+    try:
+        yield
+    finally:
+        for m in owned:
+            del m.forward
 
-    def __init__(self, model: nn.Module, config: RewriteConfig, calibration_data: Iterable | None,
-                 progress: bool | None):
-        super().__init__()
-        # share, don't own: the same submodules and tensors under the same qualified names
-        self._modules = model._modules
-        self._parameters = model._parameters
-        self._buffers = model._buffers
-        self._non_persistent_buffers_set = model._non_persistent_buffers_set
-        self.training = model.training
-        object.__setattr__(self, "_mx_source", model)
-        object.__setattr__(self, "_mx_graph", None)
-        self.mx_config = config
-        self.mx_plan: Plan | None = None
-        self.mx_report: Report | None = None
-        self._mx_calibration = calibration_data
-        self._mx_progress = progress
 
-    @property
-    def graph_module(self) -> torch.fx.GraphModule | None:
-        return self._mx_graph
+def _analyse(module: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig,
+             prefix: str = "") -> tuple[list[ModuleSite], list[RejectedCandidate]]:
+    """Sites of one captured region (``module`` at ``prefix``), one block per structure of repeated stacks."""
+    with _plain_linears(module), representatives(module) as groups:
+        try:
+            gm = capture(module, args, kwargs)
+        except CaptureError:
+            groups = None
+    if groups is None:  # the shortened model could not run (e.g. it indexes its layers by count)
+        with _plain_linears(module):
+            gm = capture(module, args, kwargs)
+    matches, rejected = find_rms_norms(gm)
+    site_plan = plan(gm, matches, rejected, config)
+    return module_sites(site_plan, gm, module, groups, prefix), _block_copies(rejected, groups, prefix)
 
-    def _build(self, args: tuple, kwargs: dict) -> None:
-        config = self.mx_config
-        stages = ["capture", "match", "plan", "rewrite", "lower"]
-        bar = tqdm(stages, desc="mxrewrite", disable=self._mx_progress is False, leave=False,
-                   delay=0 if self._mx_progress else 2.0)
-        with bar:
-            bar.set_postfix_str("capture", refresh=False)
-            gm = capture(self._mx_source, args, kwargs)
-            bar.update()
-            bar.set_postfix_str("match", refresh=False)
-            matches, rejected = find_rms_norms(gm)
-            bar.update()
-            bar.set_postfix_str("plan", refresh=False)
-            corrections = None
-            if config.rescale == "calibrated" and config.norm == "mxnorm":
-                data = self._mx_calibration if self._mx_calibration is not None else [(args, kwargs)]
-                corrections = measure_corrections(gm, matches, (split_inputs(d) for d in data),
-                                                  p=config.p, block_size=config.block_size)
-            site_plan = plan(gm, matches, rejected, config, corrections)
-            bar.update()
-            bar.set_postfix_str("rewrite", refresh=False)
-            gm = rewrite(gm, site_plan)
-            bar.update()
-            bar.set_postfix_str("lower", refresh=False)
-            device = next((t.device for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
-            gm = lower(gm, device)
-            bar.update()
-        object.__setattr__(self, "_mx_graph", gm)
-        self.mx_plan = site_plan
-        self.mx_report = build_report(site_plan)
-        log.info("mxrewrite: %d site(s) rewritten, %d skipped", len(self.mx_report.rewritten),
-                 len(self.mx_report.skipped))
 
-    def train(self, mode: bool = True) -> "MXOptimized":
-        """Switch mode; a captured graph whose computation depends on the mode (dropout, batch norm)
-        refuses to switch, with an error saying to capture again in the other mode."""
-        if self._mx_graph is not None:
-            self._mx_graph.train(mode)
-        return super().train(mode)
+def _block_copies(rejected: list[RejectedCandidate], groups: BlockGroups | None,
+                  prefix: str) -> list[RejectedCandidate]:
+    """A candidate rejected in a representative block is rejected in each of its copies."""
+    out = []
+    for r in rejected:
+        rep, copies = block_copies(r.name, groups) if groups else ("", ())
+        for name in [rebase(r.name, rep, c) for c in copies] or [r.name]:
+            out.append(replace(r, name=f"{prefix}.{name}" if prefix else name))
+    return out
 
-    def forward(self, *args, **kwargs):
-        if self._mx_graph is None:
-            if torch.compiler.is_compiling():
-                raise MXRewriteError("the model was compiled before mxrewrite captured it; pass example_inputs "
-                                     "to mxrewrite.optimize (or call the model once) before torch.compile")
-            self._build(args, kwargs)
-        return self._mx_graph(*args, **kwargs)
+
+def _recorded_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[nn.Module, tuple[tuple, dict]]:
+    """The inputs of every submodule's first call while ``model`` runs on the example."""
+    recorded: dict[nn.Module, tuple[tuple, dict]] = {}
+
+    def hook(module, a, kw):
+        recorded.setdefault(module, (a, kw))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if m is not model]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorded
+
+
+def _regions(module: nn.Module, prefix: str, recorded: dict) -> Iterator[tuple[str, nn.Module, tuple, dict]]:
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            yield from _regions(child, path, recorded)
+        elif child in recorded and any(isinstance(m, nn.Linear) for m in child.modules()):
+            yield path, child, *recorded[child]  # (a region without linears has no site)
+
+
+def _analyse_parts(module: nn.Module, prefix: str, recorded: dict, config: RewriteConfig,
+                   reason: str) -> tuple[list[ModuleSite], list[RejectedCandidate]]:
+    """Partial success: each child region that can be captured is analysed; the others are reported."""
+    sites = [ModuleSite(prefix or "<model>", "skipped", f"could not be captured: {reason}", 0, "region")]
+    rejected: list[RejectedCandidate] = []
+    for path, child, args, kwargs in _regions(module, prefix, recorded):
+        try:
+            found, rej = _analyse(child, args, kwargs, config, path)
+        except CaptureError as exc:
+            found, rej = _analyse_parts(child, path, recorded, config, str(exc))
+        sites += found
+        rejected += rej
+    return sites, rejected
+
+
+def find_sites(model: nn.Module, args: tuple, kwargs: dict,
+               config: RewriteConfig) -> tuple[list[ModuleSite], list[RejectedCandidate]]:
+    """Every norm site of ``model`` (whole-model capture, or region by region where that fails)."""
+    try:
+        return _analyse(model, args, kwargs, config)
+    except CaptureError as exc:
+        log.warning("mxrewrite: the model could not be captured as a whole (%s); analysing its parts", exc)
+        recorded = _recorded_inputs(model, args, kwargs)
+        return _analyse_parts(model, "", recorded, config, str(exc))
+
+
+# ---------------------------------------------------------------------------
+
+def _calibrated(model: nn.Module, sites: list[ModuleSite], config: RewriteConfig,
+                data: Iterable[Inputs]) -> list[ModuleSite]:
+    norms = [s.norm for s in sites if s.rewritten]
+    corrections = measure_corrections(model, norms, (split_inputs(d) for d in data), p=config.p,
+                                      block_size=config.block_size)
+    return [replace(s, settings=s.settings._replace(correction=corrections[s.norm])) if s.rewritten else s
+            for s in sites]
+
+
+def _build(model: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig,
+           calibration_data: Iterable[Inputs] | None, progress: bool | None) -> Report:
+    stages = ["capture, match, plan", "calibrate", "rewrite", "lower"]
+    bar = tqdm(stages, desc="mxrewrite", disable=progress is False, leave=False, delay=0 if progress else 2.0)
+    with bar:
+        bar.set_postfix_str(stages[0], refresh=False)
+        sites, rejected = find_sites(model, args, kwargs, config)
+        bar.update()
+        if config.rescale == "calibrated" and config.norm == "mxnorm":
+            bar.set_postfix_str(stages[1], refresh=False)
+            data = calibration_data if calibration_data is not None else [(*args, kwargs)]
+            sites = _calibrated(model, sites, config, data)
+        bar.update()
+        bar.set_postfix_str(stages[2], refresh=False)
+        rewrite(model, sites)
+        bar.update()
+        device = next((t.device for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        lower(device)
+        bar.update()
+    report = build_report(config, sites, rejected)
+    model.mx_report = report
+    log.info("mxrewrite: %d site(s) rewritten, %d skipped", len(report.rewritten), len(report.skipped))
+    return report
 
 
 def optimize(model: nn.Module, example_inputs: Inputs = None, *, config: RewriteConfig | None = None,
              calibration_data: Iterable[Inputs] | None = None, progress: bool | None = None,
-             **overrides) -> MXOptimized:
+             **overrides) -> nn.Module:
     """Rewrite every RMSNorm -> Linear site of ``model`` into a fused MXFP8/NVFP4 cast (MXNorm).
 
     Args:
-        model: any ``nn.Module``; it is not modified (the result shares its parameters).
-        example_inputs: inputs to capture the graph with (batch and sequence dims
-            stay dynamic); when omitted, capture happens on the first call.
+        model: any ``nn.Module``. It is not modified: the result is a copy of it
+            (same class, methods, forward and module tree) that shares its
+            parameters and buffers, the same tensor objects under the same names.
+            Training either trains both; an optimizer, ``state_dict``, FSDP2 or
+            tensor parallelism applied to the result sees those tensors. The
+            rewritten norms and linears are :class:`~mxrewrite.modules.MXRMSNorm`
+            and :class:`~mxrewrite.modules.MXLinear` modules holding the replaced
+            modules' parameters.
+        example_inputs: inputs to find the sites with (a tuple of args, optionally
+            ending in a dict of kwargs); when omitted, that happens on the first call.
         config: a :class:`RewriteConfig`; keyword ``overrides`` replace its fields,
             e.g. ``optimize(model, x, format="nvfp4")``.
         calibration_data: inputs for ``rescale="calibrated"`` (default: the example inputs).
-        progress: show a progress bar (default: only when capture takes a while).
+        progress: show a progress bar (default: only when analysis takes a while).
 
     Returns:
-        An :class:`MXOptimized` module: trainable, works under ``torch.compile(fullgraph=True)``;
-        its report is ``get_report(result)``.
+        The rewritten model; its report is ``get_report(result)`` (also ``result.mx_report``).
     """
-    if isinstance(model, MXOptimized):
-        log.info("model is already optimized by mxrewrite; returning it unchanged")
-        return model
     if not isinstance(model, nn.Module):
         raise ConfigError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    if getattr(model, "mx_report", None) is not None or getattr(model, "_mx_pending", False):
+        log.info("model is already optimized by mxrewrite; returning it unchanged")
+        return model
     config = (config or RewriteConfig()).replace(**overrides) if overrides else (config or RewriteConfig())
-    optimized = MXOptimized(model, config, calibration_data, progress)
+    optimized = shared_copy(model)
+    optimized.mx_config = config
     if example_inputs is not None:
-        optimized._build(*split_inputs(example_inputs))
+        _build(optimized, *split_inputs(example_inputs), config, calibration_data, progress)
+        return optimized
+
+    def build_on_first_call(module, args, kwargs):
+        if torch.compiler.is_compiling():
+            raise MXRewriteError("the model was compiled before mxrewrite found its sites; pass example_inputs "
+                                 "to mxrewrite.optimize (or call the model once) before torch.compile")
+        handle.remove()
+        module._mx_pending = False
+        _build(module, args, kwargs, config, calibration_data, progress)
+
+    optimized._mx_pending = True
+    handle = optimized.register_forward_pre_hook(build_on_first_call, with_kwargs=True)
     return optimized
 
 
 def get_report(optimized: nn.Module) -> Report:
-    """The report of a module returned by :func:`optimize`."""
+    """The report of a model returned by :func:`optimize`."""
     report = getattr(optimized, "mx_report", None)
     if report is None:
-        if isinstance(optimized, MXOptimized):
-            raise MXRewriteError("no report yet: the model is captured on its first call; call it once or pass "
-                                 "example_inputs to mxrewrite.optimize")
+        if getattr(optimized, "_mx_pending", False):
+            raise MXRewriteError("no report yet: the sites are found on the model's first call; call it once or "
+                                 "pass example_inputs to mxrewrite.optimize")
         raise MXRewriteError(f"{type(optimized).__name__} was not produced by mxrewrite.optimize")
     return report

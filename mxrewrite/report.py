@@ -23,7 +23,9 @@ import torch
 from tabulate import tabulate
 
 from mxrewrite.formats import get_format
-from mxrewrite.passes.plan import Plan, SitePlan
+from mxrewrite.config import RewriteConfig
+from mxrewrite.passes.match import RejectedCandidate
+from mxrewrite.passes.module_plan import ModuleSite
 
 
 @dataclass(frozen=True)
@@ -159,31 +161,28 @@ def _relative_to_parent(name: str, norm: str) -> str:
     return name[len(parent) + 1:] if parent and name.startswith(parent + ".") else name
 
 
-def site_savings(site: SitePlan, fmt: str, norm: str) -> Savings:
+def site_savings(site: ModuleSite, fmt: str, norm: str) -> Savings:
     """The traffic model of the module docstring for one rewritten site."""
     spec = get_format(fmt)
-    hidden = site.match.hidden_size
-    in_bytes = site.match.input.meta["val"].dtype.itemsize
-    out_bytes = site.match.output.meta["val"].dtype.itemsize
+    hidden = site.hidden_size
     cast_bytes = spec.bytes_per_row(hidden)
-    exact_norm = hidden * (in_bytes + out_bytes)
-    before = exact_norm + len(site.linears) * (hidden * out_bytes + cast_bytes)
-    after = hidden * in_bytes + cast_bytes + torch.float32.itemsize + (exact_norm if site.kept else 0)
+    exact_norm = hidden * (site.input_bytes + site.output_bytes)
+    before = exact_norm + len(site.linears) * (hidden * site.output_bytes + cast_bytes)
+    after = hidden * site.input_bytes + cast_bytes + torch.float32.itemsize + (exact_norm if site.kept else 0)
     reduce_after = hidden // spec.block_size if norm == "mxnorm" else hidden
     return Savings(hidden, reduce_after, float(before), float(after))
 
 
-def build_report(plan: Plan) -> Report:
-    config = plan.config
-    sites = []
-    for sp in plan.sites:
-        m = sp.match
-        common = dict(norm=m.name, hidden_size=m.hidden_size, format=config.format, spelling=m.spelling,
-                      kept_consumers=tuple(k.name for k in sp.kept))
-        if sp.rewritten:
-            sites.append(Site(consumers=tuple(lin.name for lin in sp.linears), status="rewritten", reason=sp.reason,
-                              rescale=sp.correction, savings=site_savings(sp, config.format, config.norm), **common))
+def build_report(config: RewriteConfig, sites: list[ModuleSite], rejected: list[RejectedCandidate]) -> Report:
+    """The report of the module-level sites (and the norm-like candidates that were not RMSNorms)."""
+    rows = []
+    for site in sites:
+        common = dict(norm=site.norm, hidden_size=site.hidden_size, format=config.format, spelling=site.spelling,
+                      kept_consumers=site.kept, status=site.status, reason=site.reason)
+        if site.rewritten:
+            rows.append(Site(consumers=site.linears, rescale=site.settings.correction,
+                             savings=site_savings(site, config.format, config.norm), **common))
         else:
-            sites.append(Site(consumers=(), status="skipped", reason=sp.reason, **common))
-    rejected = tuple(Rejected(r.name, r.reason) for r in plan.rejected)
-    return Report(config.format, config.norm, config.p, config.rescale, tuple(sites), rejected)
+            rows.append(Site(consumers=(), **common))
+    return Report(config.format, config.norm, config.p, config.rescale, tuple(rows),
+                  tuple(Rejected(r.name, r.reason) for r in rejected))

@@ -3,7 +3,7 @@
 Outputs: relative L2 error, cosine similarity, max absolute error and SQNR
 (``10 log10(|ref|^2 / |ref - out|^2)``) for every floating-point output.
 
-Per rewritten site (read from the plan and the rewritten graph, never
+Per rewritten norm (recorded from the casts its MXRMSNorm module returns while the model runs, never
 re-derived): the estimator ratio ``r / RMS(x)`` over all rows of the example
 inputs, and the relative error of the cast activation against the exact
 normalised activation. Both also for ``norm="rmsnorm"`` with the same format
@@ -17,18 +17,16 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 from tabulate import tabulate
-from torch.fx import _pytree as fx_pytree
 from torch.utils._pytree import tree_leaves
 
-from mxrewrite.api import MXOptimized, Inputs, optimize, split_inputs
+from mxrewrite.api import Inputs, optimize, split_inputs
 from mxrewrite.errors import MXRewriteError
 from mxrewrite.formats import get_format
+from mxrewrite.modules import MXRMSNorm, NormCastTensor
 from mxrewrite.ops.matmul import BlockScaledMatrix, dequantize_matrix
 from mxrewrite.ops.reference import effective_gain, norm_cast_reference
 
-NORM_CAST = torch.ops.mxrewrite.norm_cast.default
 
 
 @dataclass(frozen=True)
@@ -133,21 +131,6 @@ def _output_metrics(ref, out) -> tuple[TensorMetrics, ...]:
     return tuple(tensor_metrics(n, r, o) for n, r, o in zip(names, refs, outs))
 
 
-class _CastRecorder(fx.Interpreter):
-    """Runs the rewritten graph and keeps the inputs and outputs of every norm_cast node."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.records: dict[fx.Node, tuple] = {}
-
-    def run_node(self, n: fx.Node):
-        value = super().run_node(n)
-        if n.target is NORM_CAST:
-            args = self.fetch_args_kwargs_from_env(n)[0]
-            self.records[n] = (args, value)
-        return value
-
-
 def _dequantize(fmt: str, data: torch.Tensor, scales: torch.Tensor, tscale: torch.Tensor) -> torch.Tensor:
     spec = get_format(fmt)
     m = BlockScaledMatrix(data.reshape(-1, data.shape[-1]), scales.reshape(-1, scales.shape[-1]), tscale, spec,
@@ -155,29 +138,51 @@ def _dequantize(fmt: str, data: torch.Tensor, scales: torch.Tensor, tscale: torc
     return dequantize_matrix(m, torch.float64)
 
 
-def _site_metrics(opt: MXOptimized, args: tuple, kwargs: dict) -> tuple[SiteMetrics, ...]:
-    gm = opt.graph_module
-    recorder = _CastRecorder(gm)
-    with torch.no_grad():
-        recorder.run(*fx_pytree.tree_flatten_spec((args, kwargs), gm._in_spec))
+def _recorded_casts(optimized: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, list[NormCastTensor]]:
+    """The NormCastTensor every rewritten norm returned while ``optimized`` ran the inputs, by norm name."""
+    records: dict[str, list[NormCastTensor]] = {}
+
+    def recorder(name: str):
+        def hook(module, inputs, output):
+            records.setdefault(name, []).append(output)
+        return hook
+
+    handles = [m.register_forward_hook(recorder(n)) for n, m in optimized.named_modules() if isinstance(m, MXRMSNorm)]
+    try:
+        with torch.no_grad():
+            optimized(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
+
+
+def _site_metrics(optimized: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[SiteMetrics, ...]:
     metrics = []
-    for node, (cast_args, (data, scales, rho, tscale)) in recorder.records.items():
-        x, gamma, fmt, norm, p, scale_mode, eps, correction, offset, eps_in_root = cast_args
-        rows = x.detach().double().reshape(-1, x.shape[-1])
-        rms = rows.pow(2).mean(-1).sqrt()
-        ratio = (1.0 / rho.double().reshape(-1)) / rms
-        ratio = ratio[torch.isfinite(ratio)]
-        exact_r = (rms.pow(2) + eps).sqrt() if eps_in_root else rms + eps
-        exact = rows / exact_r.unsqueeze(-1)
-        if gamma is not None:
-            exact = exact * effective_gain(gamma, offset).double()
-        act_err = tensor_metrics("act", exact, _dequantize(fmt, data, scales, tscale)).rel_l2
-        base = norm_cast_reference(x, gamma, fmt=fmt, norm="rmsnorm", p=p, scale_mode=scale_mode, eps=eps,
-                                   correction=1.0, gamma_offset=offset, eps_in_root=eps_in_root)
-        base_err = tensor_metrics("act", exact, _dequantize(fmt, base[0], base[1], base[3])).rel_l2
-        metrics.append(SiteMetrics(node.meta.get("mxrewrite_site", node.name), ratio.mean().item(),
-                                   ratio.std().item() if ratio.numel() > 1 else 0.0, ratio.min().item(),
-                                   ratio.max().item(), act_err, base_err))
+    for name, casts in _recorded_casts(optimized, args, kwargs).items():
+        ratios, exacts, casts_hp, bases = [], [], [], []
+        for h in casts:
+            s = h.settings
+            gain = h.gain if s.gain_in_cast else None
+            rows = h.x.detach().double().reshape(-1, h.x.shape[-1])
+            rms = rows.pow(2).mean(-1).sqrt()
+            ratio = (1.0 / h.rho.double().reshape(-1)) / rms
+            ratios.append(ratio[torch.isfinite(ratio)])
+            exact_r = (rms.pow(2) + s.eps).sqrt() if s.eps_in_root else rms + s.eps
+            exact = rows / exact_r.unsqueeze(-1)
+            if gain is not None:
+                exact = exact * effective_gain(gain, s.gain_offset).double()
+            exacts.append(exact)
+            casts_hp.append(_dequantize(s.fmt, h.elems, h.scales, h.tensor_scale))
+            base = norm_cast_reference(h.x, gain, fmt=s.fmt, norm="rmsnorm", p=s.p, scale_mode=s.scale_mode,
+                                       eps=s.eps, correction=1.0, gamma_offset=s.gain_offset,
+                                       eps_in_root=s.eps_in_root)
+            bases.append(_dequantize(s.fmt, base[0], base[1], base[3]))
+        ratio, exact = torch.cat(ratios), torch.cat(exacts)
+        metrics.append(SiteMetrics(name, ratio.mean().item(), ratio.std().item() if ratio.numel() > 1 else 0.0,
+                                   ratio.min().item(), ratio.max().item(),
+                                   tensor_metrics("act", exact, torch.cat(casts_hp)).rel_l2,
+                                   tensor_metrics("act", exact, torch.cat(bases)).rel_l2))
     return tuple(metrics)
 
 
@@ -192,7 +197,7 @@ def _grad_metrics(model, opt, args, kwargs) -> tuple[TensorMetrics, ...]:
     return tuple(tensor_metrics(n, r, o) for (n, _), r, o in zip(params, ref, out) if r is not None and o is not None)
 
 
-def verify(model: torch.nn.Module, optimized: MXOptimized, example_inputs: Inputs, *,
+def verify(model: torch.nn.Module, optimized: torch.nn.Module, example_inputs: Inputs, *,
            thresholds: Thresholds | None = None, grads: bool = False, baseline: bool = True) -> VerifyResult:
     """Compare ``optimized`` (from :func:`mxrewrite.optimize`) with ``model`` on ``example_inputs``.
 
@@ -200,8 +205,9 @@ def verify(model: torch.nn.Module, optimized: MXOptimized, example_inputs: Input
     format) when ``optimized`` uses MXNorm; ``grads`` compares the gradients of
     ``mean(output**2)`` with respect to every parameter.
     """
-    if not isinstance(optimized, MXOptimized):
-        raise MXRewriteError("verify expects the module returned by mxrewrite.optimize as its second argument")
+    if getattr(optimized, "mx_report", None) is None:
+        raise MXRewriteError("verify expects the model returned by mxrewrite.optimize as its second argument "
+                             "(called once, or optimized with example_inputs)")
     args, kwargs = split_inputs(example_inputs)
     with torch.no_grad():
         ref = model(*args, **kwargs)

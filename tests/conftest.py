@@ -15,6 +15,6 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Every optimized model is a new module: without a reset, compiling many of them in one process
-    runs into dynamo's recompile limit for the shared ``MXOptimized.forward`` frame."""
+    runs into dynamo's recompile limit for the models' shared forward frames."""
     torch._dynamo.reset()
     yield

@@ -120,3 +120,34 @@ def nvfp4_values64(packed: torch.Tensor, scales_u8: torch.Tensor, tensor_scale: 
     elems = e2m1_decode(unpack_nibbles(packed)).double()
     scale = scales_u8.view(torch.float8_e4m3fn).double() * tensor_scale.double()
     return (elems.unflatten(-1, (-1, 16)) * scale.unsqueeze(-1)).flatten(-2)
+
+
+class MXCallCounter:
+    """Counts, per replaced module, the calls that really took the fused path: every ``MXRMSNorm`` call, and
+    every ``MXLinear`` call whose input was a ``NormCastTensor`` (a plain input runs ``nn.Linear``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        from mxrewrite.modules import MXLinear, MXRMSNorm, NormCastTensor
+
+        self.norms: dict[str, int] = {}
+        self.linears: dict[str, int] = {}
+        self.plain_linears: dict[str, int] = {}
+        self._handles = []
+        for name, module in model.named_modules():
+            if isinstance(module, MXRMSNorm):
+                self._handles.append(module.register_forward_pre_hook(self._count(self.norms, name)))
+            elif isinstance(module, MXLinear):
+                def hook(_, args, name=name):
+                    target = self.linears if isinstance(args[0], NormCastTensor) else self.plain_linears
+                    target[name] = target.get(name, 0) + 1
+                self._handles.append(module.register_forward_pre_hook(hook))
+
+    @staticmethod
+    def _count(table: dict[str, int], name: str):
+        def hook(*_):
+            table[name] = table.get(name, 0) + 1
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -40,7 +40,7 @@ from mxrewrite.ops.reference import effective_gain
 GRAD_CASTS = ("mx", "hp")
 
 
-def _gemm_dtype(t: torch.Tensor) -> torch.dtype:
+def gemm_dtype(t: torch.Tensor) -> torch.dtype:
     """High-precision GEMMs run in the model's dtype on GPU and in float32 on CPU."""
     return t.dtype if t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
@@ -94,7 +94,7 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, (-t.shape[0]) % multiple))
 
 
-def _grad_matmul(grad: torch.Tensor, other: torch.Tensor, grad_cast: str, scale_mode: str,
+def grad_matmul(grad: torch.Tensor, other: torch.Tensor, grad_cast: str, scale_mode: str,
                  dtype: torch.dtype) -> torch.Tensor:
     """``grad @ other`` in ``dtype`` (accumulated in float32), reducing over ``grad``'s last dim;
     on MX operands when ``grad_cast="mx"``."""
@@ -123,19 +123,19 @@ def _backward(ctx, grad_out):
     grad_scaled = grad * ctx.alpha if ctx.alpha != 1.0 else grad
     xhat = x.reshape(-1, hidden).float() * rho.reshape(-1, 1).float()
     gain = effective_gain(gamma, ctx.gamma_offset) if gamma is not None else None
-    dtype = _gemm_dtype(x)
+    dtype = gemm_dtype(x)
 
     grad_x = grad_w = grad_gamma = grad_bias = None
     need_x, need_w, need_gamma = ctx.needs_input_grad[0], ctx.needs_input_grad[5], ctx.needs_input_grad[6]
     if need_x or need_gamma:
-        h = _grad_matmul(grad_scaled, weight, ctx.grad_cast, ctx.scale_mode, dtype)  # (M, D)
+        h = grad_matmul(grad_scaled, weight, ctx.grad_cast, ctx.scale_mode, dtype)  # (M, D)
         if need_x:
             grad_x = rms_norm_backward(h.reshape(x.shape), x, rho, gain)
         if need_gamma:
             grad_gamma = (xhat * h).sum(0).to(gamma.dtype)
     if need_w:
         xg = xhat * gain if gain is not None else xhat
-        grad_w = _grad_matmul(grad_scaled.t(), xg, ctx.grad_cast, ctx.scale_mode, dtype).to(weight.dtype)
+        grad_w = grad_matmul(grad_scaled.t(), xg, ctx.grad_cast, ctx.scale_mode, dtype).to(weight.dtype)
     if ctx.has_bias and ctx.needs_input_grad[7]:
         grad_bias = grad.sum(0).to(ctx.bias_dtype)
     return grad_x, None, None, None, None, grad_w, grad_gamma, grad_bias, None, None, None, None, None, None, None

@@ -1,9 +1,10 @@
-"""Measured rescale constants (``rescale="calibrated"``): one per site, from real activations.
+"""Measured rescale constants (``rescale="calibrated"``): one per norm module, from real activations.
 
 MXNorm's Gaussian constant c'(p, B) assumes Gaussian rows; heavier-tailed
 activations have larger block maxima, so the bare estimate over-reads the RMS
-(MXNORM.md). For each site this measures ``c = mean_rows(RMS(x) / M_p(x))`` on
-the calibration inputs, so that ``r = c * M_p`` tracks the true RMS of that site.
+(MXNORM.md). For each norm this measures ``c = mean_rows(RMS(x) / M_p(x))`` on
+the inputs it receives while the original model runs the calibration inputs, so
+that ``r = c * M_p`` tracks the true RMS of that site.
 """
 
 from __future__ import annotations
@@ -11,48 +12,47 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.fx as fx
-from torch.fx import _pytree as fx_pytree
+import torch.nn as nn
 
 from mxrewrite.errors import MXRewriteError
 from mxrewrite.formats.mx import block_amax
-from mxrewrite.passes.match import NormMatch
+
+__all__ = ["measure_corrections"]
 
 
-class _Recorder(fx.Interpreter):
-    """Runs the graph and accumulates RMS / M_p per watched node."""
-
-    def __init__(self, gm: fx.GraphModule, watched: dict[fx.Node, str], p: int, block_size: int):
-        super().__init__(gm)
-        self.watched, self.p, self.block_size = watched, p, block_size
-        self.sums: dict[str, float] = {}
-        self.rows: dict[str, int] = {}
-
-    def run_node(self, n: fx.Node):
-        value = super().run_node(n)
-        name = self.watched.get(n)
-        if name is not None:
-            x = value.detach().float().reshape(-1, value.shape[-1])
-            amax = block_amax(x, self.block_size).double()
-            power_mean = (amax if self.p == 1 else amax * amax).mean(-1)
-            estimate = power_mean if self.p == 1 else power_mean.sqrt()
-            rms = x.double().pow(2).mean(-1).sqrt()
-            valid = estimate > 0
-            self.sums[name] = self.sums.get(name, 0.0) + (rms[valid] / estimate[valid]).sum().item()
-            self.rows[name] = self.rows.get(name, 0) + int(valid.sum())
-        return value
+def rms_over_power_mean(x: torch.Tensor, p: int, block_size: int) -> torch.Tensor:
+    """``RMS(row) / M_p(row)`` for every row of ``x`` with a non-zero estimate (float64)."""
+    rows = x.detach().double().reshape(-1, x.shape[-1])
+    amax = block_amax(rows, block_size)
+    power_mean = amax.mean(-1) if p == 1 else amax.pow(2).mean(-1).sqrt()
+    rms = rows.pow(2).mean(-1).sqrt()
+    valid = power_mean > 0
+    return rms[valid] / power_mean[valid]
 
 
-def measure_corrections(gm: fx.GraphModule, matches: list[NormMatch], inputs: Iterable[tuple[tuple, dict]],
-                        *, p: int, block_size: int) -> dict[str, float]:
-    """Per-norm constant ``mean(RMS / M_p)`` over every row the calibration inputs produce."""
-    recorder = _Recorder(gm, {m.input: m.name for m in matches}, p, block_size)
-    with torch.no_grad():
-        for args, kwargs in inputs:
-            flat = fx_pytree.tree_flatten_spec((args, kwargs), gm._in_spec)
-            recorder.run(*flat)
-    missing = [m.name for m in matches if not recorder.rows.get(m.name)]
+def measure_corrections(model: nn.Module, norms: list[str], inputs: Iterable[tuple[tuple, dict]], *, p: int,
+                        block_size: int) -> dict[str, float]:
+    """Per norm module (qualified name): ``mean(RMS / M_p)`` over every row it normalises on ``inputs``."""
+    sums = {name: 0.0 for name in norms}
+    rows = {name: 0 for name in norms}
+
+    def recorder(name: str):
+        def hook(module, args):
+            ratio = rms_over_power_mean(args[0], p, block_size)
+            sums[name] += ratio.sum().item()
+            rows[name] += ratio.numel()
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in norms]
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in norms if not rows[name]]
     if missing:
         raise MXRewriteError(f"calibration saw no non-zero rows for {missing}; pass calibration_data with "
                              "representative inputs, or use rescale='gaussian'")
-    return {name: recorder.sums[name] / recorder.rows[name] for name in recorder.rows}
+    return {name: sums[name] / rows[name] for name in norms}

@@ -1,4 +1,4 @@
-"""Stage 1: capture a model into an aten-level FX graph with dynamic batch and sequence dims.
+"""Stage 1: capture a model into an aten-level FX graph (for analysis) with dynamic batch and sequence dims.
 
 ``capture(model, args, kwargs)`` runs ``torch.export.export(strict=False)`` with
 every dim of every tensor input marked ``Dim.AUTO``: export keeps dynamic what
@@ -19,10 +19,11 @@ What capture does for the user:
   its flag; switching a mode-dependent graph (dropout, batch norm) to the other
   mode raises :class:`~mxrewrite.errors.CaptureError` asking for a capture in
   that mode.
-* Warnings (``logging``) for what limits the result: an example dim of size 1 in
+* Debug log lines for what limits the captured graph (it is used for analysis
+  only, so none of this limits the optimized model): an example dim of size 1 in
   the batch or sequence position (export specialises size-1 dims), a batch or
   sequence dim the model's code fixed, and custom ``autograd.Function`` s, whose
-  backward export drops (the captured graph differentiates their forward).
+  backward export drops.
 
 The captured module must be called like the model was captured: the same
 positional arguments, the same keyword names, the same non-tensor values.
@@ -84,7 +85,8 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
     _warn_size_one_dims(args, kwargs)
 
     autograd_functions: set[str] = set()
-    with _cache_disabled(model, kwargs) as cache_disabled, _recording_autograd_functions(autograd_functions):
+    with _cache_disabled(model, kwargs) as cache_disabled, _recording_autograd_functions(autograd_functions), \
+            _quiet_export():
         try:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=_all_dims_auto(model, args, kwargs),
                                      strict=False)
@@ -95,12 +97,12 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
     _check_shared_state(model, gm)
     dynamic, specialized = _dims_report(gm)
     for path, dims in specialized.items():
-        log.warning("the model's code fixes dim(s) %s of input %s to the example's size: the captured graph only "
+        log.debug("the model's code fixes dim(s) %s of input %s to the example's size: the captured graph only "
                     "accepts that size there (run torch.export with TORCH_LOGS=+dynamic to see which line guards it)",
                     dims, path)
     functions = tuple(sorted(autograd_functions))
     if functions:
-        log.warning("the model uses custom autograd.Function(s) %s: torch.export keeps their forward but drops their "
+        log.debug("the model uses custom autograd.Function(s) %s: torch.export keeps their forward but drops their "
                     "custom backward, so gradients through the captured graph are those of the forward ops",
                     ", ".join(functions))
     info = CaptureInfo(
@@ -146,7 +148,7 @@ def _warn_size_one_dims(args: tuple, kwargs: dict[str, Any]) -> None:
         positions = 2 if not tensor.is_floating_point() else min(2, tensor.dim() - 1)
         for dim, what in ((0, "batch"), (1, "sequence"))[:positions]:
             if tensor.dim() >= 2 and tensor.shape[dim] <= 1:
-                log.warning("input %s has size %d in dim %d (%s): torch.export specialises size-0/1 dims, so the "
+                log.debug("input %s has size %d in dim %d (%s): torch.export specialises size-0/1 dims, so the "
                             "captured graph will only accept that size; capture with example inputs of %s size >= 2 "
                             "to get a graph that serves any size", path, tensor.shape[dim], dim, what, what)
 
@@ -198,6 +200,18 @@ def _cache_disabled(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[bool]:
         yield True
     finally:
         config.use_cache = True
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Export's own warnings (a size-1 dim specialised) describe the analysis graph, not the optimized model."""
+    export_log = logging.getLogger("torch._export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        export_log.setLevel(level)
 
 
 @contextlib.contextmanager

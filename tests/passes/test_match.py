@@ -112,7 +112,7 @@ def test_every_spelling_is_found_once_with_its_parameters(spelling, ndim, eps_so
     model = Host(SpelledNorm(spelling, eps_source, gain))
     m, gm = match_one(model, torch.randn(SHAPES[ndim]))
 
-    assert m.name == "norm"
+    assert m.name == m.module == "norm"
     assert m.input.op == "placeholder"
     assert m.output is linear_input(gm)
     assert m.output in m.nodes and m.input not in m.nodes
@@ -219,7 +219,7 @@ def test_norm_modules_are_found(name, ndim, dtype):
     model = Host(factory()).to(dtype)
     x = torch.randn(SHAPES[ndim], dtype=dtype)
     m, gm = match_one(model, x)
-    assert m.name == "norm" and m.spelling == spelling
+    assert m.name == m.module == "norm" and m.spelling == spelling
     assert m.input.op == "placeholder" and m.output is linear_input(gm)
     assert math.isclose(m.eps, eps, rel_tol=1e-9) and m.eps_in_root
     if offset is None:
@@ -248,7 +248,7 @@ def test_a_scalar_multiplier_after_the_norm_is_left_to_the_planner():
 
 
 class SharedNorm(nn.Module):
-    """One norm module applied twice: two norms, neither is "the module's computation"."""
+    """One norm module applied twice: two norms, each exactly one call of the module."""
 
     def __init__(self):
         super().__init__()
@@ -265,7 +265,8 @@ def test_a_shared_norm_module_gives_one_match_per_call():
     gm = capture(SharedNorm(), (torch.randn(2, 3, D),))
     matches, rejected = find_rms_norms(gm)
     assert len(matches) == 2 and not rejected
-    assert len({m.name for m in matches}) == 2 and "norm" not in {m.name for m in matches}
+    assert [m.name for m in matches] == [m.module for m in matches] == ["norm", "norm"]
+    assert matches[0].output is not matches[1].output
     assert {m.gamma.target for m in matches} == {"norm.weight"}
 
 
@@ -483,6 +484,7 @@ def test_zoo_models_match_exactly_their_rms_norms(name, dtype):
     matches, rejected = find_rms_norms(gm)
 
     assert {m.name for m in matches} == z.rms_norms
+    assert all(m.module == m.name for m in matches)   # every zoo norm is a module of its own
     assert len(matches) == len(z.rms_norms)
     assert {r.name for r in rejected} == set(z.other_norms)
     assert all("mean-subtracting" in r.reason for r in rejected)

@@ -1,4 +1,4 @@
-"""Rewriting: one fused cast per site, one MX linear per consumer, chains replayed, the rest untouched."""
+"""Rewriting: the norm and the linears it feeds become mxrewrite modules; everything else stays the model's."""
 
 from __future__ import annotations
 
@@ -6,26 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mxrewrite.config import RewriteConfig
-from mxrewrite.passes.capture import capture
-from mxrewrite.passes.match import find_rms_norms
-from mxrewrite.passes.plan import plan
-from mxrewrite.passes.rewrite import rewrite
+from mxrewrite.api import get_report, optimize
+from mxrewrite.modules import MXLinear, MXRMSNorm
+from tests.helpers import MXCallCounter
 from tests.passes.test_plan import D, FanOut, Head
-
-aten = torch.ops.aten
-NORM_CAST = torch.ops.mxrewrite.norm_cast.default
-MX_LINEAR = torch.ops.mxrewrite.mx_linear.default
-
-
-def rewritten(model, x, **config):
-    gm = capture(model, (x,))
-    matches, rejected = find_rms_norms(gm)
-    return rewrite(gm, plan(gm, matches, rejected, RewriteConfig(**config)))
-
-
-def count(gm, target):
-    return sum(1 for n in gm.graph.nodes if n.target is target)
 
 
 def rel_err(a, b):
@@ -33,44 +17,54 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("norm", ["mxnorm", "rmsnorm"])
-def test_fan_out_site_becomes_one_cast_and_four_linears(norm):
+def test_fan_out_site_becomes_one_cast_and_three_mx_linears(norm):
     torch.manual_seed(0)
     model, x = FanOut(), torch.randn(3, 5, D)
-    gm = rewritten(model, x, norm=norm)
-    assert count(gm, NORM_CAST) == 1
-    assert count(gm, MX_LINEAR) == 4
-    assert count(gm, aten.linear.default) == 1  # only `out`, which no norm feeds
-    # the exact norm stays: the residual and h @ h^T still read it
-    assert count(gm, aten.rms_norm.default) == 1
-    (cast,) = [n for n in gm.graph.nodes if n.target is NORM_CAST]
-    linears = [n for n in gm.graph.nodes if n.target is MX_LINEAR]
-    if norm == "mxnorm":  # gamma folded into every weight, none in the cast
-        assert cast.args[1] is None and all(n.args[6] is not None and n.args[11] is False for n in linears)
-    else:  # the exact baseline applies gamma before the cast
-        assert cast.args[1] is not None and all(n.args[11] is True for n in linears)
-    # other token counts: the rewrite keeps dynamic shapes; numerics stay close to the original
-    x2 = torch.randn(4, 9, D)
-    assert rel_err(gm(x2), model(x2)) < 0.1
+    opt = optimize(model, (x,), norm=norm, progress=False)
+    assert type(opt) is FanOut and opt is not model
+    assert isinstance(opt.norm, MXRMSNorm) and opt.norm.settings.gain_in_cast == (norm == "rmsnorm")
+    assert all(isinstance(m, MXLinear) for m in (opt.q, opt.k, opt.v))
+    assert type(opt.out) is nn.Linear  # no norm feeds it
+    (site,) = get_report(opt).rewritten
+    assert site.consumers == ("q", "k", "v")
+    assert any("w_raw" in k and "not an nn.Linear" in k for k in site.kept_consumers)
+    counter = MXCallCounter(opt)
+    x2 = torch.randn(4, 9, D)  # another token count
+    out = opt(x2)
+    # one cast per call, and every MX linear really multiplied it (through the reshape, scale and transpose)
+    assert counter.norms == {"norm": 1} and counter.linears == {"q": 1, "k": 1, "v": 1}
+    assert rel_err(out, model(x2)) < 0.1
 
 
-def test_norm_with_only_linear_consumers_disappears():
+def test_non_linear_consumers_read_the_exact_norm():
+    """Residual, bare matmul and h @ h^T read the exact RMSNorm: with the MX linears' outputs replaced by the
+    original ones, the rewritten model computes the original exactly."""
+    torch.manual_seed(0)
+    model, x = FanOut(), torch.randn(3, 5, D)
+    opt = optimize(model, (x,), progress=False)
+    for name in ("q", "k", "v"):
+        original = getattr(model, name)
+        getattr(opt, name).register_forward_hook(lambda m, args, out, original=original: original(args[0].exact()))
+    torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_norm_with_only_linear_consumers():
     torch.manual_seed(0)
     model, ids = Head(), torch.randint(0, 50, (2, 7))
-    gm = rewritten(model, ids, include_head=True)
-    assert count(gm, aten.rms_norm.default) == 0
-    assert count(gm, aten.linear.default) == 0
-    assert count(gm, NORM_CAST) == 2 and count(gm, MX_LINEAR) == 2
-    assert rel_err(gm(ids), model(ids)) < 0.1
+    opt = optimize(model, (ids,), include_head=True, progress=False)
+    assert isinstance(opt.block_norm, MXRMSNorm) and isinstance(opt.final_norm, MXRMSNorm)
+    assert isinstance(opt.up, MXLinear) and isinstance(opt.lm_head, MXLinear)
+    assert rel_err(opt(ids), model(ids)) < 0.1
 
 
-def test_skipped_sites_leave_the_graph_unchanged():
+def test_skipped_sites_leave_the_model_unchanged():
     model, ids = Head(d=48), torch.randint(0, 50, (2, 7))
-    gm = rewritten(model, ids)  # 48 is not divisible by 32
-    assert count(gm, NORM_CAST) == 0 and count(gm, MX_LINEAR) == 0
-    torch.testing.assert_close(gm(ids), model(ids))
+    opt = optimize(model, (ids,), progress=False)  # 48 is not divisible by 32
+    assert not any(isinstance(m, (MXRMSNorm, MXLinear)) for m in opt.modules())
+    torch.testing.assert_close(opt(ids), model(ids), rtol=0, atol=0)
 
 
-def test_replayed_chains_reproduce_output_shapes():
+def test_row_preserving_views_keep_the_cast():
     class Chains(nn.Module):
         def __init__(self):
             super().__init__()
@@ -86,33 +80,52 @@ def test_replayed_chains_reproduce_output_shapes():
 
     torch.manual_seed(0)
     model, x = Chains(), torch.randn(3, 6, D)
-    gm = rewritten(model, x, include_head=True)  # a, b, c are returned as they are: output heads
-    assert count(gm, MX_LINEAR) == 3
-    out, ref = gm(x), model(x)
+    opt = optimize(model, (x,), include_head=True, progress=False)  # a, b, c are returned: output heads
+    counter = MXCallCounter(opt)
+    out, ref = opt(x), model(x)
+    assert counter.linears == {"a": 1, "b": 1, "c": 1} and counter.plain_linears == {}
     for o, r in zip(out[1:], ref[1:]):
         assert o.shape == r.shape
         assert rel_err(o, r) < 0.1
 
 
 def test_constant_multipliers_survive_exactly():
-    """Scalars on the path (h * 0.25) and on the weight (W * 3) become the MX linear's alpha: the
-    rewritten model computes exactly 0.75 times the rewrite of the same model without them."""
+    """A scalar on the path (h * 0.25) rides along as the cast's alpha: the rewritten model computes exactly
+    0.25 times the rewrite of the same model without it."""
 
     class Scaled(nn.Module):
-        def __init__(self, path_scale: float, weight_scale: float):
+        def __init__(self, path_scale: float):
             super().__init__()
             self.norm, self.proj = nn.RMSNorm(D), nn.Linear(D, 32, bias=False)
-            self.path_scale, self.weight_scale = path_scale, weight_scale
+            self.path_scale = path_scale
 
         def forward(self, x):
-            return torch.nn.functional.linear(self.norm(x) * self.path_scale, self.proj.weight * self.weight_scale)
+            return self.proj(self.norm(x) * self.path_scale)
 
     torch.manual_seed(0)
-    plain, scaled = Scaled(1.0, 1.0), Scaled(0.25, 3.0)
+    plain, scaled = Scaled(1.0), Scaled(0.25)
     scaled.load_state_dict(plain.state_dict())
     x = torch.randn(2, 5, D)
-    gm_plain = rewritten(plain, x, include_head=True)
-    gm_scaled = rewritten(scaled, x, include_head=True)
-    (lin,) = [n for n in gm_scaled.graph.nodes if n.target is MX_LINEAR]
-    assert lin.args[12] == 0.75
-    torch.testing.assert_close(gm_scaled(x), gm_plain(x) * 0.75, rtol=0, atol=0)
+    opt_plain = optimize(plain, (x,), include_head=True, progress=False)
+    opt_scaled = optimize(scaled, (x,), include_head=True, progress=False)
+    counter = MXCallCounter(opt_scaled)
+    torch.testing.assert_close(opt_scaled(x), opt_plain(x) * 0.25, rtol=0, atol=0)
+    assert counter.linears == {"proj": 1}
+
+
+def test_a_linear_called_with_other_inputs_stays_nn_linear_for_them():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.proj = nn.RMSNorm(D), nn.Linear(D, D)
+
+        def forward(self, x):
+            return self.proj(self.norm(x)) + self.proj(x)
+
+    torch.manual_seed(0)
+    model, x = Shared(), torch.randn(2, 5, D)
+    opt = optimize(model, (x,), include_head=True, progress=False)
+    counter = MXCallCounter(opt)
+    out = opt(x)
+    assert counter.linears == {"proj": 1} and counter.plain_linears == {"proj": 1}
+    assert rel_err(out, model(x)) < 0.1

@@ -90,6 +90,22 @@ def _scope(node: fx.Node) -> str | None:
     return path if isinstance(path, str) else None
 
 
+def _call(node: fx.Node) -> tuple[str, ...]:
+    """The module calls ``node`` was computed in, outermost first, as ``nn_module_stack`` keys.
+
+    Unlike the qualified name (:func:`_scope`), a key names one call: torch.export
+    suffixes the keys of a module's later calls (``L__self__norm@1``), so a norm
+    module applied at two places gives two calls.
+    """
+    stack = node.meta.get("nn_module_stack")
+    return tuple(stack) if stack else ()
+
+
+def _encloses(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
+    """Whether the call ``outer`` is the call ``inner`` or one of the calls it was made from."""
+    return inner[:len(outer)] == outer
+
+
 # ---------------------------------------------------------------------------
 # graph-value helpers
 

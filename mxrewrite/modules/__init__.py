@@ -1,0 +1,15 @@
+"""The modules ``optimize`` puts in a model: a rewritten norm and the linears it feeds.
+
+* :class:`MXRMSNorm` replaces an RMSNorm module and returns a :class:`NormCastTensor`;
+* :class:`MXLinear` replaces an ``nn.Linear`` fed by such a norm.
+
+Both share the replaced modules' parameters (see :func:`adopt_state`).
+"""
+
+from mxrewrite.modules.adopt import adopt_state
+from mxrewrite.modules.cast_tensor import CastSettings, NormCastTensor, norm_cast_tensor
+from mxrewrite.modules.linear import MXLinear, UnitScaledMXLinear, replacement_for
+from mxrewrite.modules.norm import MXRMSNorm
+
+__all__ = ["CastSettings", "MXLinear", "MXRMSNorm", "NormCastTensor", "UnitScaledMXLinear", "adopt_state",
+           "norm_cast_tensor", "replacement_for"]

@@ -1,0 +1,292 @@
+"""``NormCastTensor``: how one fused norm + cast travels from a rewritten norm to the linears it feeds.
+
+Design note. A rewritten norm (:class:`~mxrewrite.modules.MXRMSNorm`) runs
+``mxrewrite::norm_cast`` once and returns this tensor subclass. Its *value* is
+the norm's output ``h = alpha * x * rho * gain`` (``rho`` the MXNorm estimate or
+the exact RMSNorm factor); it carries, as inner tensors, what produced it: the
+input ``x``, ``rho``, the block-scaled cast (``elems``, ``scales``, per-tensor
+``tensor_scale``) and the gain. The model's own code then passes it on as it
+was written:
+
+* an :class:`~mxrewrite.modules.MXLinear` (any number of them: q, k and v share
+  one cast) multiplies the cast directly, with the gain folded into its weight;
+* views that keep rows whole (``view``/``reshape``/``unsqueeze``/``squeeze``, and
+  transposes, permutes, slices or selects that leave the last dim in place),
+  ``detach``/``clone``, multiplication by a Python number (kept as ``alpha``) and
+  a cast to a narrower float dtype keep the cast and return another
+  ``NormCastTensor``;
+* every other use (a residual add, a router, an upcast to float32, a
+  ``torch.mm`` with a bare weight) gets a plain tensor holding the **exact**
+  RMSNorm output, recomputed from ``x``: a consumer that is not an MX linear
+  keeps the exact norm.
+
+Autograd sees ``h`` as one value: the gradient of every consumer is summed into
+``h``'s gradient, and the function that built ``h`` (:func:`norm_cast_tensor`)
+applies the straight-through norm gradient once per call (MXNORM.md,
+"Backward"), with the ``rho`` the forward used. For consumers that got the exact
+value under ``norm="mxnorm"`` that gradient uses the estimate's ``rho``.
+
+It is a traceable wrapper subclass (``__tensor_flatten__``/``__tensor_unflatten__``),
+like torchao's float8 training tensors, so ``torch.compile(fullgraph=True)``
+traces it away; FSDP2 and tensor parallelism see only the plain parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils._pytree import tree_map_only
+
+from mxrewrite.ops.reference import effective_gain, rmsnorm_rho
+
+aten = torch.ops.aten
+
+__all__ = ["CastSettings", "NormCastTensor", "norm_cast_tensor"]
+
+
+class CastSettings(NamedTuple):
+    """The static description of one rewritten norm (a NamedTuple so torch.compile treats it as a constant)."""
+
+    fmt: str
+    norm: str               # "mxnorm" | "rmsnorm"
+    p: int
+    scale_mode: str
+    eps: float
+    eps_in_root: bool
+    correction: float       # c'(p, B), a calibrated constant, or 1.0
+    gain_offset: float      # 1.0 for Gemma's (1 + weight)
+    gain_in_cast: bool      # the exact-RMSNorm baseline applies the gain before casting
+    grad_cast: str          # "mx" | "hp": precision of the linears' backward GEMMs
+
+
+_INNER = ("x", "rho", "elems", "scales", "tensor_scale", "gain")
+
+
+class NormCastTensor(torch.Tensor):
+    """The output of a rewritten norm; see the module docstring."""
+
+    x: torch.Tensor
+    rho: torch.Tensor
+    elems: torch.Tensor
+    scales: torch.Tensor
+    tensor_scale: torch.Tensor
+    gain: torch.Tensor | None
+    settings: CastSettings
+    alpha: float
+
+    @staticmethod
+    def __new__(cls, x, rho, elems, scales, tensor_scale, gain, settings, alpha, dtype):
+        return torch.Tensor._make_wrapper_subclass(cls, x.shape, dtype=dtype, device=x.device,
+                                                   requires_grad=False)
+
+    def __init__(self, x, rho, elems, scales, tensor_scale, gain, settings, alpha, dtype):
+        self.x, self.rho, self.elems, self.scales, self.tensor_scale, self.gain = (
+            x, rho, elems, scales, tensor_scale, gain)
+        self.settings, self.alpha = settings, alpha
+
+    def __repr__(self) -> str:
+        return (f"NormCastTensor(shape={tuple(self.shape)}, dtype={self.dtype}, format={self.settings.fmt}, "
+                f"norm={self.settings.norm}, alpha={self.alpha})")
+
+    def __tensor_flatten__(self):
+        names = [n for n in _INNER if getattr(self, n) is not None]
+        return names, (self.settings, self.alpha, self.dtype, "gain" in names)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        settings, alpha, dtype, has_gain = meta
+        return NormCastTensor(inner["x"], inner["rho"], inner["elems"], inner["scales"], inner["tensor_scale"],
+                              inner["gain"] if has_gain else None, settings, alpha, dtype)
+
+    def replace(self, **changes: Any) -> "NormCastTensor":
+        fields = {n: getattr(self, n) for n in _INNER}
+        fields.update(settings=self.settings, alpha=self.alpha, dtype=self.dtype)
+        fields.update(changes)
+        return NormCastTensor(**fields)
+
+    def rows_view(self, fn) -> "NormCastTensor":
+        """Apply a row-preserving view ``fn`` (on ``x``'s shape) to every per-row inner tensor."""
+        return self.replace(x=fn(self.x), rho=fn(self.rho.unsqueeze(-1)).squeeze(-1), elems=fn(self.elems),
+                            scales=fn(self.scales))
+
+    def exact(self) -> torch.Tensor:
+        """The exact RMSNorm output this tensor stands for, as a plain tensor (what non-MX consumers read)."""
+        s = self.settings
+        rho = self.rho if s.norm == "rmsnorm" else rmsnorm_rho(self.x, eps=s.eps, eps_in_root=s.eps_in_root)
+        h = self.x.float() * rho.unsqueeze(-1)
+        if self.gain is not None:
+            h = h * effective_gain(self.gain, s.gain_offset)
+        if self.alpha != 1.0:
+            h = h * self.alpha
+        return h.to(self.dtype)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _LAZY_OPS.get(func)
+        if handler is not None and isinstance(args[0], NormCastTensor):
+            result = handler(args[0], *args[1:], **kwargs)
+            if result is not None:
+                return result
+        args, kwargs = tree_map_only(NormCastTensor, NormCastTensor.exact, (args, kwargs))
+        return func(*args, **kwargs)
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+# ---------------------------------------------------------------------------
+# ops that keep the cast; each returns None to fall back to the exact value
+
+def _last_dim(ndim: int, dim: int) -> bool:
+    return dim % ndim == ndim - 1 if ndim else True
+
+
+def _view(t: NormCastTensor, size, *_) -> NormCastTensor | None:
+    size = list(size)
+    if -1 in size:
+        known = 1
+        for s in size:
+            known *= s if s != -1 else 1
+        size[size.index(-1)] = t.numel() // known if known else 0
+    if not size or size[-1] != t.shape[-1]:
+        return None
+    return t.rows_view(lambda v: v.reshape(*size[:-1], v.shape[-1]))
+
+
+def _unsqueeze(t: NormCastTensor, dim: int) -> NormCastTensor | None:
+    if _last_dim(t.dim() + 1, dim):
+        return None
+    dim = dim % (t.dim() + 1)
+    return t.rows_view(lambda v: v.unsqueeze(dim))
+
+
+def _squeeze(t: NormCastTensor, dims=None) -> NormCastTensor | None:
+    dims = [dims] if isinstance(dims, int) else list(dims) if dims is not None else [
+        d for d in range(t.dim()) if t.shape[d] == 1]
+    dims = sorted({d % t.dim() for d in dims if t.shape[d] == 1}, reverse=True)
+    if any(_last_dim(t.dim(), d) for d in dims):
+        return None
+
+    def squeeze(v: torch.Tensor) -> torch.Tensor:
+        for d in dims:
+            v = v.squeeze(d)
+        return v
+
+    return t.rows_view(squeeze)
+
+
+def _slice(t: NormCastTensor, dim: int = 0, start=None, end=None, step: int = 1) -> NormCastTensor | None:
+    if _last_dim(t.dim(), dim):
+        return None
+    return t.rows_view(lambda v: aten.slice.Tensor(v, dim % t.dim(), start, end, step))
+
+
+def _select(t: NormCastTensor, dim: int, index: int) -> NormCastTensor | None:
+    if _last_dim(t.dim(), dim):
+        return None
+    return t.rows_view(lambda v: v.select(dim % t.dim(), index))
+
+
+def _transpose(t: NormCastTensor, dim0: int, dim1: int) -> NormCastTensor | None:
+    if _last_dim(t.dim(), dim0) or _last_dim(t.dim(), dim1):
+        return None
+    return t.rows_view(lambda v: v.transpose(dim0 % t.dim(), dim1 % t.dim()))
+
+
+def _permute(t: NormCastTensor, dims) -> NormCastTensor | None:
+    dims = [d % t.dim() for d in dims]
+    if dims[-1] != t.dim() - 1:
+        return None
+    return t.rows_view(lambda v: v.permute(*dims))
+
+
+def _same(op):
+    def apply(t: NormCastTensor, *args, **kwargs) -> NormCastTensor:
+        return t.replace(**{n: op(getattr(t, n)) for n in ("x", "rho", "elems", "scales")})
+    return apply
+
+
+def _mul(t: NormCastTensor, other, *_, **__) -> NormCastTensor | None:
+    if isinstance(other, bool) or not isinstance(other, (int, float)):
+        return None
+    return t.replace(alpha=t.alpha * float(other))
+
+
+def _div(t: NormCastTensor, other, *_, **kwargs) -> NormCastTensor | None:
+    if kwargs or isinstance(other, bool) or not isinstance(other, (int, float)) or other == 0:
+        return None
+    return t.replace(alpha=t.alpha / float(other))
+
+
+_NARROWER = {torch.float32: (torch.bfloat16, torch.float16), torch.bfloat16: (), torch.float16: ()}
+
+
+def _to_copy(t: NormCastTensor, *, dtype=None, device=None, layout=None, **kwargs) -> NormCastTensor | None:
+    """A cast to a narrower float dtype keeps the cast (the linears then emit that dtype); an upcast to
+    float32 is a request for high precision and gets the exact value."""
+    if any(v is not None for v in kwargs.values()) or layout not in (None, torch.strided):
+        return None
+    if device is not None and torch.device(device) != t.device:
+        return None
+    if dtype is None or dtype == t.dtype:
+        return t.replace()
+    return t.replace(dtype=dtype) if dtype in _NARROWER.get(t.dtype, ()) else None
+
+
+_LAZY_OPS = {
+    aten.view.default: _view,
+    aten._unsafe_view.default: _view,
+    aten.reshape.default: _view,
+    aten.unsqueeze.default: _unsqueeze,
+    aten.squeeze.dim: _squeeze,
+    aten.squeeze.dims: _squeeze,
+    aten.squeeze.default: _squeeze,
+    aten.slice.Tensor: _slice,
+    aten.select.int: _select,
+    aten.transpose.int: _transpose,
+    aten.permute.default: _permute,
+    aten.detach.default: _same(torch.Tensor.detach),
+    aten.alias.default: _same(lambda v: v.view(v.shape)),
+    aten.clone.default: _same(torch.Tensor.clone),
+    aten.mul.Tensor: _mul,
+    aten.mul.Scalar: _mul,
+    aten.div.Tensor: _div,
+    aten.div.Scalar: _div,
+    aten._to_copy.default: _to_copy,
+}
+
+
+# ---------------------------------------------------------------------------
+# the autograd function that builds the tensor
+
+class _NormCast(torch.autograd.Function):
+    """``x, gain -> NormCastTensor``; backward: the straight-through norm gradient of ``h = x * rho * gain``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gain: torch.Tensor | None, settings: CastSettings) -> NormCastTensor:
+        s = settings
+        elems, scales, rho, tensor_scale = torch.ops.mxrewrite.norm_cast(
+            x, gain if s.gain_in_cast else None, s.fmt, s.norm, s.p, s.scale_mode, s.eps, s.correction,
+            s.gain_offset, s.eps_in_root)
+        ctx.save_for_backward(x, rho, gain)
+        ctx.gain_offset = s.gain_offset
+        return NormCastTensor(x, rho, elems, scales, tensor_scale, gain, s, 1.0, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        x, rho, gain = ctx.saved_tensors
+        grad_h = grad_h.reshape(x.shape)
+        g = effective_gain(gain, ctx.gain_offset) if gain is not None else None
+        grad_x = grad_gain = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mxrewrite.rms_norm_backward(grad_h.contiguous(), x, rho, g)
+        if gain is not None and ctx.needs_input_grad[1]:
+            xhat = x.float() * rho.unsqueeze(-1)
+            grad_gain = (xhat * grad_h.float()).reshape(-1, x.shape[-1]).sum(0).to(gain.dtype)
+        return grad_x, grad_gain, None
+
+
+def norm_cast_tensor(x: torch.Tensor, gain: torch.Tensor | None, settings: CastSettings) -> NormCastTensor:
+    """Normalise and cast ``x`` once (``mxrewrite::norm_cast``), returning the :class:`NormCastTensor`."""
+    return _NormCast.apply(x, gain, settings)

@@ -1,0 +1,411 @@
+"""FSDP2 and tensor parallelism applied to an optimized model, on CPU with gloo (DESIGN.md, "Composition is
+part of correctness").
+
+Each scenario optimizes a zoo model, parallelizes the result over 2 ranks and takes one training step
+(forward, loss, backward, one ``AdamW`` step). The parent process takes the same step on the
+single-process optimized model (same seed, same weights, same batch) and the test compares the loss,
+every parameter's gradient (DTensor gradients gathered with ``full_tensor()``) and every parameter
+after the step. It also checks that the parallelism really happened (each rank holds half of every
+sharded weight) and that the MX modules really ran the fused path under it.
+
+* FSDP2: ``fully_shard`` on each decoder layer, then on the root, after ``optimize``. Data parallel:
+  each rank gets one sequence of the two-sequence batch (the reference sees both), so the loss is the
+  mean of the ranks' losses and FSDP's averaged gradients are the full batch's.
+* TP: ``parallelize_module`` of the torchtitan-style layers, ``ColwiseParallel`` on wq/wk/wv/w1/w3
+  (the MX linears) and ``RowwiseParallel`` on wo/w2, over a 2-rank ``DeviceMesh``; both ranks see
+  the whole batch.
+
+All scenarios run in one 2-process group (spawned once per test session: importing torch and
+transformers dominates the cost), each writes its results to a file, and each test checks one
+scenario.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mxrewrite
+from tests import zoo
+from tests.helpers import MXCallCounter
+
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with the gloo backend is not available"),
+    pytest.mark.slow,  # one 2-rank run for all the tests: about 20 s of 2 CPU cores (mostly imports and optimize)
+]
+
+WORLD = 2
+LR = 1e-3
+ADAM_EPS = 1e-8                   # AdamW's default
+STEADY_GRAD = 1e3 * ADAM_EPS      # |g| above which Adam's step lr * g / (|g| + eps) hardly depends on g's rounding
+# float rounding only: the sharded step sums the same products in another order (FSDP's reduce-scatter
+# averages two half-batch gradients, TP all-reduces two partial input gradients)
+RTOL = 1e-5
+ATOL_REL = 1e-6          # absolute tolerance, relative to the largest magnitude in the tensor
+TIMEOUT_S = 300          # the whole spawned run; each collective times out after COLLECTIVE_TIMEOUT
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    model: str           # zoo name
+    parallel: str        # "fsdp" | "tp"
+    grad_cast: str       # "hp" | "mx"
+    split_batch: bool    # data parallel: rank r gets sequence r (FSDP); otherwise the whole batch
+
+
+SCENARIOS = {s.name: s for s in (
+    Scenario("fsdp_torchtitan_llama", "torchtitan_llama", "fsdp", "hp", True),
+    Scenario("fsdp_llama", "llama", "fsdp", "hp", True),
+    Scenario("fsdp_qwen3", "qwen3", "fsdp", "hp", True),
+    Scenario("tp_torchtitan_llama", "torchtitan_llama", "tp", "hp", False),
+    # the default config (MXFP8 backward GEMMs). A rank holds part of the dims the backward casts' blocks run
+    # along (the tokens for grad_W under FSDP, the output features for grad_h under TP: wk's 16 local rows are
+    # zero-padded to one 32-block), so its block scales can be smaller; they are powers of two and e5m2/e4m3
+    # rounding of a normal element does not depend on them, so only elements in those formats' subnormal range
+    # could round differently. None does in these models: the results agree to float rounding
+    Scenario("fsdp_torchtitan_llama_mx_grads", "torchtitan_llama", "fsdp", "mx", True),
+    Scenario("tp_torchtitan_llama_mx_grads", "torchtitan_llama", "tp", "mx", False),
+)}
+
+TP_PLAN = {"attention.wq": "colwise", "attention.wk": "colwise", "attention.wv": "colwise",
+           "attention.wo": "rowwise", "feed_forward.w1": "colwise", "feed_forward.w3": "colwise",
+           "feed_forward.w2": "rowwise"}
+
+
+# ---------------------------------------------------------------------------
+# one training step, the same code in the parent (reference) and on every rank
+
+def _build(scenario: Scenario) -> tuple[nn.Module, torch.Tensor]:
+    z = zoo.build(scenario.model, dtype=torch.float32, seed=0)
+    opt = mxrewrite.optimize(z.model, (*z.args, z.kwargs), grad_cast=scenario.grad_cast, progress=False)
+    opt.train()
+    return opt, z.args[0]
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "model")
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    layers = model.model.layers if _is_hf(model) else model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
+def _loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    if _is_hf(model):
+        return model(tokens, labels=tokens).loss          # the transformers loss path
+    logits = model(tokens)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+@contextlib.contextmanager
+def _cast_gemm_calls():
+    """Record the weight shape of every fused MX GEMM (``_CastLinear``) that runs inside the block."""
+    from mxrewrite.modules import linear
+
+    calls: list[tuple[int, ...]] = []
+    forward = linear._CastLinear.forward
+
+    def counting(ctx, h, weight, bias):
+        calls.append(tuple(weight.shape))
+        return forward(ctx, h, weight, bias)
+
+    linear._CastLinear.forward = staticmethod(counting)
+    try:
+        yield calls
+    finally:
+        linear._CastLinear.forward = staticmethod(forward)
+
+
+def _step(model: nn.Module, tokens: torch.Tensor, world: int, counter: MXCallCounter) -> dict:
+    """Loss, gradients and parameters after one AdamW step (all full tensors), and what ran fused.
+
+    ``counter`` is made before the model is parallelized, so its hooks see the MX modules' own inputs
+    (a TP input hook turns them into DTensors afterwards)."""
+    with _cast_gemm_calls() as gemms:
+        loss = _loss(model, tokens)
+        loss.backward()
+    counter.remove()
+    loss = loss.detach()
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    grads = {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    params0 = {n: _full(p) for n, p in model.named_parameters()}
+    torch.optim.AdamW(model.parameters(), lr=LR, eps=ADAM_EPS).step()
+    params = {n: _full(p) for n, p in model.named_parameters()}
+    return dict(loss=loss.item(), grads=grads, missing_grads=missing, params0=params0, params=params,
+                norms=dict(counter.norms), linears=dict(counter.linears), plain_linears=dict(counter.plain_linears),
+                gemms=list(gemms))
+
+
+# ---------------------------------------------------------------------------
+# parallelization, on each rank
+
+def _placements(model: nn.Module) -> dict[str, tuple]:
+    """Every parameter's (placements, full shape, this rank's local shape); placements None for a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            kinds = tuple(f"{type(pl).__name__}({getattr(pl, 'dim', '')})" for pl in p.placements)
+            out[name] = (kinds, tuple(p.shape), tuple(p.to_local().shape))
+        else:
+            out[name] = (None, tuple(p.shape), tuple(p.shape))
+    return out
+
+
+def _fsdp(model: nn.Module, mesh) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _tp(model: nn.Module, mesh) -> None:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    for layer in _decoder_layers(model):
+        parallelize_module(layer, mesh, {name: styles[style]() for name, style in TP_PLAN.items()})
+
+
+def _run_scenario(scenario: Scenario, rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.manual_seed(0)
+    model, tokens = _build(scenario)
+    counter = MXCallCounter(model)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    (_fsdp if scenario.parallel == "fsdp" else _tp)(model, mesh)
+    placements = _placements(model)
+    if scenario.split_batch:
+        tokens = tokens.chunk(WORLD)[rank]
+    result = _step(model, tokens, WORLD, counter)
+    result["placements"] = placements
+    if scenario.parallel == "tp":
+        result["plain_input_error"] = _plain_input_error(model, tokens)
+    return result
+
+
+def _plain_input_error(model: nn.Module, tokens: torch.Tensor) -> str | None:
+    """The error of a colwise-sharded MX linear given the norm's cast as a plain tensor (no ColwiseParallel
+    input hook to make it a replicated DTensor): its input gradient would be a partial sum nobody all-reduces."""
+    from mxrewrite.errors import MXRewriteError
+
+    layer = _decoder_layers(model)[0]
+    with torch.no_grad():
+        h = layer.attention_norm(model.tok_embeddings(tokens))
+        try:
+            layer.attention.wq._sharded_forward(h)
+        except MXRewriteError as exc:
+            return str(exc)
+    return None
+
+
+def _worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        for name in names:
+            start = time.perf_counter()
+            try:
+                result = _run_scenario(SCENARIOS[name], rank)
+            except Exception:
+                # the other rank fails in the same place or times out in its next collective
+                with open(os.path.join(out_dir, f"{name}.rank{rank}.error"), "w") as f:
+                    f.write(traceback.format_exc())
+                raise
+            result["seconds"] = time.perf_counter() - start
+            if rank == 0:
+                torch.save(result, os.path.join(out_dir, f"{name}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# the spawned run and the references
+
+def _reference(scenario: Scenario) -> dict:
+    """The single-process step of the optimized model on the whole batch."""
+    torch.manual_seed(0)
+    model, tokens = _build(scenario)
+    return _step(model, tokens, 1, MXCallCounter(model))
+
+
+def _join(context, deadline: float) -> str | None:
+    """Wait for the ranks; the reason they failed, or None."""
+    try:
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                return f"the ranks did not finish within {TIMEOUT_S} s"
+    except Exception as exc:  # a rank raised (ProcessRaisedException) or died
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+    return None
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Callable[[str], dict], Callable[[str], dict]]:
+    """Every scenario run once on 2 spawned ranks, and the single-process references, computed by this process
+    while the ranks start. Returns ``(result, reference)``, each taking a scenario name; ``result`` fails the
+    test with the rank's traceback when the scenario did not complete."""
+    import torch.multiprocessing as mp
+
+    out_dir = str(tmp_path_factory.mktemp("fsdp_tp"))
+    context = mp.start_processes(_worker, args=(_free_port(), out_dir, list(SCENARIOS)), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    references: dict[tuple[str, str], dict | BaseException] = {}
+    try:
+        for scenario in SCENARIOS.values():
+            key = (scenario.model, scenario.grad_cast)
+            if key not in references:
+                try:
+                    references[key] = _reference(scenario)
+                except Exception as exc:  # reported by the tests that need it
+                    references[key] = exc
+    finally:
+        failure = _join(context, deadline)
+
+    def result(name: str) -> dict:
+        path = os.path.join(out_dir, f"{name}.pt")
+        if not os.path.exists(path):
+            errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir))
+                      if f.startswith(f"{name}.rank")]
+            pytest.fail(f"scenario {name} did not complete: " + ("\n".join(errors) or failure or "no result"))
+        return torch.load(path, weights_only=False)
+
+    def reference(name: str) -> dict:
+        ref = references[SCENARIOS[name].model, SCENARIOS[name].grad_cast]
+        if isinstance(ref, BaseException):
+            raise ref
+        return ref
+
+    return result, reference
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    atol = ATOL_REL * float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _adamw_replay(params0: dict, grads: dict) -> dict:
+    """One single-process AdamW step from ``params0`` with the given gradients."""
+    params = {n: p.clone().requires_grad_() for n, p in params0.items()}
+    for name, p in params.items():
+        p.grad = grads[name].clone()
+    torch.optim.AdamW(params.values(), lr=LR, eps=ADAM_EPS).step()
+    return {n: p.detach() for n, p in params.items()}
+
+
+def _check_against_reference(got: dict, ref: dict) -> None:
+    assert got["missing_grads"] == ref["missing_grads"] == []
+    assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL)
+    assert got["grads"].keys() == ref["grads"].keys() == ref["params"].keys() == got["params"].keys()
+    for name, expected in ref["grads"].items():
+        _assert_close(got["grads"][name], expected, f"gradient of {name}")
+    for name, p0 in ref["params0"].items():
+        assert torch.equal(got["params0"][name], p0), f"{name} differs before the step"
+    # the sharded optimizer step is the single-process AdamW step on the gathered gradients (exact in practice)
+    replayed = _adamw_replay(ref["params0"], got["grads"])
+    for name, expected in ref["params"].items():
+        actual = got["params"][name]
+        torch.testing.assert_close(actual, replayed[name], rtol=1e-6, atol=1e-9,
+                                   msg=lambda m: f"{name} after the sharded AdamW step: {m}")
+        # and equals the single-process model's step. Adam's first step is lr * g / (|g| + eps): where |g| is
+        # near eps it turns the gradient's rounding into a visible fraction of lr, so those elements are only
+        # held to a small fraction of lr (a sign flip or a lost update is 1-2 lr); the rest to rounding
+        steady = ref["grads"][name].abs() >= STEADY_GRAD
+        _assert_close(actual[steady], expected[steady], f"{name} after one AdamW step")
+        worst = float((actual - expected).abs().max())
+        assert worst <= 0.05 * LR, f"{name} after one AdamW step: off by {worst:.3g} (lr {LR})"
+
+
+def _check_fused(got: dict, ref: dict) -> None:
+    """Every MX module ran once on the fused path, as in the single-process model (10 MX linears, 4 norms)."""
+    assert ref["norms"] and ref["linears"] and not ref["plain_linears"]
+    assert got["norms"] == ref["norms"]
+    assert got["linears"] == ref["linears"]
+    assert got["plain_linears"] == {}
+    assert len(got["gemms"]) == len(ref["gemms"]) == len(ref["linears"])
+
+
+# ---------------------------------------------------------------------------
+# the tests
+
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.parallel == "fsdp"])
+def test_fsdp2_after_optimize(name, runs):
+    result, reference = runs
+    got, ref = result(name), reference(name)
+    # really sharded: every parameter (decoder layers and root) is a DTensor sharded on dim 0 over the
+    # 2 ranks, and this rank holds half of its rows
+    for pname, (placements, full, local) in got["placements"].items():
+        assert placements == ("Shard(0)",), f"{pname} is not sharded by FSDP2: {placements}"
+        assert local[0] == full[0] // WORLD and local[1:] == full[1:], f"{pname}: local {local} of {full}"
+    mx_weights = [f"{lin}.weight" for lin in ref["linears"]]
+    assert all(got["placements"][w][0] == ("Shard(0)",) for w in mx_weights)
+    # the fused GEMMs multiplied the unsharded (all-gathered) weights
+    assert sorted(got["gemms"]) == sorted(ref["gemms"])
+    _check_fused(got, ref)
+    _check_against_reference(got, ref)
+
+
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.parallel == "tp"])
+def test_tensor_parallel_after_optimize(name, runs):
+    result, reference = runs
+    got, ref = result(name), reference(name)
+    sharded = 0
+    for pname, (placements, full, local) in got["placements"].items():
+        linear = next((k for k in TP_PLAN if pname.endswith(f"{k}.weight")), None)
+        if linear is None:
+            assert placements is None, f"{pname} should stay a plain tensor: {placements}"
+            continue
+        dim = 0 if TP_PLAN[linear] == "colwise" else 1
+        assert placements == (f"Shard({dim})",), f"{pname}: {placements}"
+        expected = list(full)
+        expected[dim] //= WORLD
+        assert list(local) == expected, f"{pname}: local {local} of {full}"
+        sharded += 1
+    assert sharded == len(TP_PLAN) * zoo.LAYERS
+    assert "replicated DTensor input" in (got["plain_input_error"] or "")
+    # the fused GEMMs multiplied this rank's rows of the colwise-sharded MX weights
+    assert sorted(got["gemms"]) == sorted((r // WORLD, c) for r, c in ref["gemms"])
+    _check_fused(got, ref)
+    _check_against_reference(got, ref)
