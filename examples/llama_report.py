@@ -22,8 +22,10 @@ import logging
 import torch
 
 # transformers imports torchao when it is installed; torchao 0.18 on torch >= 2.12 logs two
-# deprecation warnings about its pytree enums at import time. They are not ours to fix.
+# deprecation warnings about its pytree enums at import time, and on CPU-only or non-Blackwell machines that
+# its CUDA extensions could not be loaded. They are not ours to fix, nor the user's.
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+logging.getLogger("torchao").setLevel(logging.ERROR)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import mxrewrite

@@ -271,7 +271,11 @@ class _NormCast(torch.autograd.Function):
             s.gain_offset, s.eps_in_root)
         ctx.save_for_backward(x, rho, gain)
         ctx.gain_offset = s.gain_offset
-        return NormCastTensor(x, rho, elems, scales, tensor_scale, gain, s, 1.0, x.dtype)
+        # the rescale constant is not carried: only norm_cast reads it, and a per-site float in the tensor's
+        # metadata would reach torch.compile as a symbolic float it cannot rebuild (per-layer compile of
+        # calibrated sites)
+        carried = s._replace(correction=1.0)
+        return NormCastTensor(x, rho, elems, scales, tensor_scale, gain, carried, 1.0, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
