@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils._pytree import tree_map_only
 
-from mxrewrite.ops.reference import effective_gain, rmsnorm_rho
+from mxrewrite.ops.reference import effective_gain, normalize, rmsnorm_rho
 
 aten = torch.ops.aten
 
@@ -46,7 +46,7 @@ __all__ = ["CastSettings", "NormCastTensor", "norm_cast_tensor"]
 
 
 class CastSettings(NamedTuple):
-    """The static description of one rewritten norm (a NamedTuple so torch.compile treats it as a constant)."""
+    """The static description of one rewritten norm (a NamedTuple: hashable, and traced by torch.compile)."""
 
     fmt: str
     norm: str               # "mxnorm" | "rmsnorm"
@@ -114,9 +114,7 @@ class NormCastTensor(torch.Tensor):
         """The exact RMSNorm output this tensor stands for, as a plain tensor (what non-MX consumers read)."""
         s = self.settings
         rho = self.rho if s.norm == "rmsnorm" else rmsnorm_rho(self.x, eps=s.eps, eps_in_root=s.eps_in_root)
-        h = self.x.float() * rho.unsqueeze(-1)
-        if self.gain is not None:
-            h = h * effective_gain(self.gain, s.gain_offset)
+        h = normalize(self.x, rho, effective_gain(self.gain, s.gain_offset) if self.gain is not None else None)
         if self.alpha != 1.0:
             h = h * self.alpha
         return h.to(self.dtype)
@@ -286,8 +284,7 @@ class _NormCast(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.mxrewrite.rms_norm_backward(grad_h.contiguous(), x, rho, g)
         if gain is not None and ctx.needs_input_grad[1]:
-            xhat = x.float() * rho.unsqueeze(-1)
-            grad_gain = (xhat * grad_h.float()).reshape(-1, x.shape[-1]).sum(0).to(gain.dtype)
+            grad_gain = (normalize(x, rho) * grad_h.float()).reshape(-1, x.shape[-1]).sum(0).to(gain.dtype)
         return grad_x, grad_gain, None
 
 

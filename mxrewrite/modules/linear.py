@@ -28,7 +28,7 @@ from mxrewrite.errors import MXRewriteError
 from mxrewrite.modules.adopt import adopt_state
 from mxrewrite.modules.cast_tensor import NormCastTensor
 from mxrewrite.ops.mx_linear import gemm_dtype, grad_matmul
-from mxrewrite.ops.reference import effective_gain
+from mxrewrite.ops.reference import effective_gain, normalize
 
 __all__ = ["MXLinear", "UnitScaledMXLinear", "replacement_for"]
 
@@ -57,9 +57,8 @@ class _CastLinear(torch.autograd.Function):
             grad_h = grad_matmul(grad, weight, s.grad_cast, s.scale_mode, dtype)
             grad_h = grad_h.reshape(*x.shape[:-1], hidden).to(ctx.input_dtype)
         if ctx.needs_input_grad[1]:
-            h = x.reshape(-1, hidden).float() * rho.reshape(-1, 1).float()
-            if gain is not None:
-                h = h * effective_gain(gain, s.gain_offset)
+            h = normalize(x, rho, effective_gain(gain, s.gain_offset) if gain is not None else None)
+            h = h.reshape(-1, hidden)
             if ctx.alpha != 1.0:
                 h = h * ctx.alpha
             grad_w = grad_matmul(grad.t(), h, s.grad_cast, s.scale_mode, dtype).to(weight.dtype)

@@ -35,7 +35,7 @@ from mxrewrite.formats import get_format
 from mxrewrite.formats.constants import MXFP8_BLOCK_SIZE
 from mxrewrite.ops.matmul import BlockScaledMatrix, mx_matmul, quantize_matrix
 from mxrewrite.ops.norm_backward import rms_norm_backward
-from mxrewrite.ops.reference import effective_gain
+from mxrewrite.ops.reference import effective_gain, normalize
 
 GRAD_CASTS = ("mx", "hp")
 
@@ -121,7 +121,7 @@ def _backward(ctx, grad_out):
     hidden, out_features = x.shape[-1], weight.shape[0]
     grad = grad_out.reshape(-1, out_features).float()
     grad_scaled = grad * ctx.alpha if ctx.alpha != 1.0 else grad
-    xhat = x.reshape(-1, hidden).float() * rho.reshape(-1, 1).float()
+    xhat = normalize(x, rho).reshape(-1, hidden)
     gain = effective_gain(gamma, ctx.gamma_offset) if gamma is not None else None
     dtype = gemm_dtype(x)
 

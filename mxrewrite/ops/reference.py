@@ -73,6 +73,12 @@ def effective_gain(gamma: torch.Tensor, gamma_offset: float) -> torch.Tensor:
     return g + gamma_offset if gamma_offset != 0.0 else g
 
 
+def normalize(x: torch.Tensor, rho: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * rho`` per row, times ``gain`` (an :func:`effective_gain`) when given, in float32."""
+    xhat = x.float() * rho.unsqueeze(-1).float()
+    return xhat * gain if gain is not None else xhat
+
+
 def activation_tensor_scale(
     hidden: int, gamma: torch.Tensor | None, *, fmt: str, norm: str, p: int, correction: float,
     gamma_offset: float = 0.0, device: torch.device | None = None,
@@ -122,9 +128,7 @@ def norm_cast_reference(
     check_norm_args(norm, p)
     rho = norm_rho(x, norm=norm, p=p, block_size=spec.block_size, correction=correction, eps=eps,
                    eps_in_root=eps_in_root)
-    xhat = x.float() * rho.unsqueeze(-1)
-    if gamma is not None:
-        xhat = xhat * effective_gain(gamma, gamma_offset)
+    xhat = normalize(x, rho, effective_gain(gamma, gamma_offset) if gamma is not None else None)
     if spec.tensor_scale:
         tscale = activation_tensor_scale(x.shape[-1], gamma, fmt=fmt, norm=norm, p=p, correction=correction,
                                          gamma_offset=gamma_offset, device=x.device)
