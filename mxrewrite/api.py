@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import types
+import warnings
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -28,9 +29,11 @@ from tqdm.auto import tqdm
 
 from mxrewrite.config import RewriteConfig
 from mxrewrite.errors import CaptureError, ConfigError, MXRewriteError
+from mxrewrite.formats import get_format
 from mxrewrite.modules import replacement_for
 from mxrewrite.passes.calibrate import measure_corrections
 from mxrewrite.passes.capture import capture
+from mxrewrite.passes.linear_plan import LinearChoice, other_linears
 from mxrewrite.passes.lower import lower
 from mxrewrite.passes.match import RejectedCandidate, find_rms_norms
 from mxrewrite.passes.module_plan import ModuleSite, module_sites
@@ -83,8 +86,22 @@ def _plain_linears(module: nn.Module) -> Iterator[None]:
             del m.forward
 
 
-def _analyse(module: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig,
-             prefix: str = "") -> tuple[list[ModuleSite], list[RejectedCandidate]]:
+@dataclass
+class Found:
+    """What the analysis found: norm sites, norm-like candidates that are not RMSNorms, and (under
+    ``linears="all"``) the fate of every other linear."""
+
+    sites: list[ModuleSite] = field(default_factory=list)
+    rejected: list[RejectedCandidate] = field(default_factory=list)
+    linears: list[LinearChoice] = field(default_factory=list)
+
+    def extend(self, other: "Found") -> None:
+        self.sites += other.sites
+        self.rejected += other.rejected
+        self.linears += other.linears
+
+
+def _analyse(module: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig, prefix: str = "") -> Found:
     """Sites of one captured region (``module`` at ``prefix``), one block per structure of repeated stacks."""
     with _plain_linears(module), representatives(module) as groups:
         try:
@@ -96,7 +113,9 @@ def _analyse(module: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig
             gm = capture(module, args, kwargs)
     matches, rejected = find_rms_norms(gm)
     site_plan = plan(gm, matches, rejected, config)
-    return module_sites(site_plan, gm, module, groups, prefix), _block_copies(rejected, groups, prefix)
+    sites = module_sites(site_plan, gm, module, groups, prefix)
+    linears = other_linears(gm, module, sites, config, groups, prefix) if config.linears == "all" else []
+    return Found(sites, _block_copies(rejected, groups, prefix), linears)
 
 
 def _block_copies(rejected: list[RejectedCandidate], groups: BlockGroups | None,
@@ -136,23 +155,18 @@ def _regions(module: nn.Module, prefix: str, recorded: dict) -> Iterator[tuple[s
             yield path, child, *recorded[child]  # (a region without linears has no site)
 
 
-def _analyse_parts(module: nn.Module, prefix: str, recorded: dict, config: RewriteConfig,
-                   reason: str) -> tuple[list[ModuleSite], list[RejectedCandidate]]:
+def _analyse_parts(module: nn.Module, prefix: str, recorded: dict, config: RewriteConfig, reason: str) -> Found:
     """Partial success: each child region that can be captured is analysed; the others are reported."""
-    sites = [ModuleSite(prefix or "<model>", "skipped", f"could not be captured: {reason}", 0, "region")]
-    rejected: list[RejectedCandidate] = []
+    found = Found([ModuleSite(prefix or "<model>", "skipped", f"could not be captured: {reason}", 0, "region")])
     for path, child, args, kwargs in _regions(module, prefix, recorded):
         try:
-            found, rej = _analyse(child, args, kwargs, config, path)
+            found.extend(_analyse(child, args, kwargs, config, path))
         except CaptureError as exc:
-            found, rej = _analyse_parts(child, path, recorded, config, str(exc))
-        sites += found
-        rejected += rej
-    return sites, rejected
+            found.extend(_analyse_parts(child, path, recorded, config, str(exc)))
+    return found
 
 
-def find_sites(model: nn.Module, args: tuple, kwargs: dict,
-               config: RewriteConfig) -> tuple[list[ModuleSite], list[RejectedCandidate]]:
+def find_sites(model: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig) -> Found:
     """Every norm site of ``model`` (whole-model capture, or region by region where that fails)."""
     try:
         return _analyse(model, args, kwargs, config)
@@ -179,7 +193,8 @@ def _build(model: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig,
     bar = tqdm(stages, desc="mxrewrite", disable=progress is False, leave=False, delay=0 if progress else 2.0)
     with bar:
         bar.set_postfix_str(stages[0], refresh=False)
-        sites, rejected = find_sites(model, args, kwargs, config)
+        found = find_sites(model, args, kwargs, config)
+        sites = found.sites
         bar.update()
         if config.rescale == "calibrated" and config.norm == "mxnorm":
             bar.set_postfix_str(stages[1], refresh=False)
@@ -187,15 +202,30 @@ def _build(model: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig,
             sites = _calibrated(model, sites, config, data)
         bar.update()
         bar.set_postfix_str(stages[2], refresh=False)
-        rewrite(model, sites)
+        rewrite(model, sites, found.linears, config)
         bar.update()
         device = next((t.device for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        warn_if_emulated(config.format, device)
         lower(device)
         bar.update()
-    report = build_report(config, sites, rejected)
+    report = build_report(config, sites, found.rejected, found.linears)
     model.mx_report = report
     log.info("mxrewrite: %d site(s) rewritten, %d skipped", len(report.rewritten), len(report.skipped))
     return report
+
+
+def warn_if_emulated(fmt: str, device: torch.device | None) -> None:
+    """Warn when an MX format will run emulated: a CUDA GPU older than Blackwell has no MX tensor cores."""
+    if device is None or device.type != "cuda" or not get_format(fmt).block_scaled:
+        return
+    if torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 10:
+        return
+    name = torch.cuda.get_device_name(device)
+    warnings.warn(
+        f"mxrewrite: format={fmt!r} runs emulated on {name} (no MX tensor cores before Blackwell, sm_100): each MX "
+        "GEMM dequantises to bf16 first, so the model gets slower, not faster (H200, Llama-3-8B layer fwd+bwd: "
+        "MXFP8 0.91x bf16). Use format='fp8' (FP8 tensor cores with per-tensor scales, 1.37x bf16 on the same "
+        "layer with linears='all'), or keep the MX format to study its numerics.", stacklevel=3)
 
 
 def optimize(model: nn.Module, example_inputs: Inputs = None, *, config: RewriteConfig | None = None,

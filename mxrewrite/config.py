@@ -13,6 +13,7 @@ from mxrewrite.ops.mxnorm_constants import POWERS, gaussian_correction
 from mxrewrite.ops.reference import NORMS
 
 RESCALES = ("gaussian", "calibrated", "none")
+LINEARS = ("norm-fed", "all")
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,13 @@ class RewriteConfig:
     """How each site is rewritten.
 
     Attributes:
-        format: ``"mxfp8"`` (e4m3 elements, blocks of 32, E8M0 scales) or ``"nvfp4"``
-            (e2m1 elements, blocks of 16, e4m3 scales and a per-tensor scale).
+        format: ``"mxfp8"`` (e4m3 elements, blocks of 32, E8M0 scales), ``"nvfp4"``
+            (e2m1 elements, blocks of 16, e4m3 scales and a per-tensor scale), or
+            ``"fp8"``: e4m3 with one float32 scale per tensor, Hopper's native FP8
+            (the MX formats need Blackwell's tensor cores and are emulated on Hopper).
+            Under ``"fp8"`` the norm's output is cast with a static scale its bound
+            gives, so the norm and the cast stay one pass; MXNorm takes its estimate
+            from blocks of 32.
         norm: ``"mxnorm"`` estimates the RMS from the cast's block maxima;
             ``"rmsnorm"`` keeps the exact norm, fused with the same cast (the baseline).
         p: MXNorm power mean, 1 or 2 (2 is the paper's stable default).
@@ -31,8 +37,15 @@ class RewriteConfig:
             inputs; ``"none"`` uses the bare estimate (output scale c' instead of 1).
         include_head: also rewrite a norm whose only consumer is the model's
             output head (the paper keeps the head in high precision).
-        grad_cast: ``"mx"`` casts the backward GEMMs' operands to MXFP8 (e5m2
-            gradients) as MXFP8 training does; ``"hp"`` keeps them in high precision.
+        grad_cast: ``"mx"`` casts the backward GEMMs' operands to low precision as the
+            format's training recipe does (MXFP8 with e5m2 gradients; under ``"fp8"``,
+            e5m2 gradients and e4m3 operands with per-tensor scales); ``"hp"`` keeps them
+            in high precision.
+        linears: ``"norm-fed"`` converts the linears a rewritten norm feeds; ``"all"``
+            also converts every other ``nn.Linear`` (attention output, MLP down), each
+            casting its own input: one call makes a complete low-precision recipe.
+            Output heads (unless ``include_head``), MoE routers and linears computed in
+            float32 on purpose stay in high precision.
     """
 
     format: str = "mxfp8"
@@ -42,6 +55,7 @@ class RewriteConfig:
     rescale: str = "gaussian"
     include_head: bool = False
     grad_cast: str = "mx"
+    linears: str = "norm-fed"
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, tuple(FORMATS))
@@ -50,6 +64,7 @@ class RewriteConfig:
         _check_choice("scale_mode", self.scale_mode, SCALE_MODES)
         _check_choice("rescale", self.rescale, RESCALES)
         _check_choice("grad_cast", self.grad_cast, GRAD_CASTS)
+        _check_choice("linears", self.linears, LINEARS)
         if not isinstance(self.include_head, bool):
             raise ConfigError(f"include_head must be True or False, got {self.include_head!r}")
 

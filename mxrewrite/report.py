@@ -24,6 +24,7 @@ from tabulate import tabulate
 
 from mxrewrite.formats import get_format
 from mxrewrite.config import RewriteConfig
+from mxrewrite.passes.linear_plan import LinearChoice
 from mxrewrite.passes.match import RejectedCandidate
 from mxrewrite.passes.module_plan import ModuleSite
 
@@ -66,6 +67,16 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class LinearRow:
+    """One linear layer under ``linears="all"``: how it is fed ("fused cast" from a norm, "own cast") or
+    "kept" in high precision, and why."""
+
+    name: str
+    status: str
+    note: str
+
+
+@dataclass(frozen=True)
 class Report:
     format: str
     norm: str
@@ -73,6 +84,7 @@ class Report:
     rescale_mode: str
     sites: tuple[Site, ...]
     rejected: tuple[Rejected, ...] = field(default=())
+    linears: tuple[LinearRow, ...] = field(default=())
 
     @property
     def rewritten(self) -> tuple[Site, ...]:
@@ -121,6 +133,11 @@ class Report:
             rows = [[s.norm, s.hidden_size, s.reason] for s in self.skipped]
             tables.append((f"Skipped RMSNorms ({len(self.skipped)})",
                            tabulate(rows, ["norm", "D", "reason"], tablefmt=tablefmt)))
+        if self.linears:
+            converted = sum(row.status != "kept" for row in self.linears)
+            tables.append((f"Linears ({converted} of {len(self.linears)} in {self.format})",
+                           tabulate([[r.name, r.status, r.note] for r in self.linears], ["linear", "input", "note"],
+                                    tablefmt=tablefmt)))
         if self.rejected:
             rows = [[r.name, r.reason] for r in self.rejected]
             tables.append((f"Not RMSNorm, left untouched ({len(self.rejected)})",
@@ -173,8 +190,17 @@ def site_savings(site: ModuleSite, fmt: str, norm: str) -> Savings:
     return Savings(hidden, reduce_after, float(before), float(after))
 
 
-def build_report(config: RewriteConfig, sites: list[ModuleSite], rejected: list[RejectedCandidate]) -> Report:
-    """The report of the module-level sites (and the norm-like candidates that were not RMSNorms)."""
+def _linear_rows(sites: list[ModuleSite], linears: list[LinearChoice]) -> tuple[LinearRow, ...]:
+    rows = [LinearRow(name, "fused cast", f"from {s.norm}") for s in sites if s.rewritten for name in s.linears]
+    rows += [LinearRow(c.name, "own cast" if c.converted else "kept", "" if c.converted else c.reason)
+             for c in linears]
+    return tuple(dict((r.name, r) for r in rows).values())
+
+
+def build_report(config: RewriteConfig, sites: list[ModuleSite], rejected: list[RejectedCandidate],
+                 linears: list[LinearChoice] = ()) -> Report:
+    """The report of the module-level sites, the norm-like candidates that were not RMSNorms and, under
+    ``linears="all"``, every linear."""
     rows = []
     for site in sites:
         common = dict(norm=site.norm, hidden_size=site.hidden_size, format=config.format, spelling=site.spelling,
@@ -185,4 +211,5 @@ def build_report(config: RewriteConfig, sites: list[ModuleSite], rejected: list[
         else:
             rows.append(Site(consumers=(), **common))
     return Report(config.format, config.norm, config.p, config.rescale, tuple(rows),
-                  tuple(Rejected(r.name, r.reason) for r in rejected))
+                  tuple(Rejected(r.name, r.reason) for r in rejected),
+                  _linear_rows(sites, linears) if config.linears == "all" else ())

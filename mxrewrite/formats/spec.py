@@ -22,7 +22,10 @@ class FormatSpec:
 
     ``elem_max`` is the largest element magnitude; ``elems_per_byte`` is 2 for the
     packed 4-bit formats; ``tensor_scale`` says whether a float32 per-tensor scale
-    sits above the block scales (NVFP4's two-level scaling).
+    sits above the block scales (NVFP4's two-level scaling). ``scaling`` is
+    ``"block"`` for the MX formats and ``"tensor"`` for Hopper's FP8, whose only
+    scale is one float32 per tensor; its ``block_size`` is that of the blocks
+    MXNorm takes its maxima over (no block scale is stored).
     """
 
     name: str
@@ -32,10 +35,15 @@ class FormatSpec:
     scale_dtype: torch.dtype
     elems_per_byte: int
     tensor_scale: bool
+    scaling: str = "block"
+
+    @property
+    def block_scaled(self) -> bool:
+        return self.scaling == "block"
 
     @property
     def scale_bytes(self) -> int:
-        return 1
+        return 1 if self.block_scaled else 0
 
     def bytes_per_row(self, hidden: int) -> float:
         """Bytes one cast row of ``hidden`` elements occupies: data plus block scales."""
@@ -45,7 +53,10 @@ class FormatSpec:
 MXFP8 = FormatSpec("mxfp8", MXFP8_BLOCK_SIZE, torch.float8_e4m3fn, F8E4M3_MAX, torch.float8_e8m0fnu, 1, False)
 NVFP4 = FormatSpec("nvfp4", NVFP4_BLOCK_SIZE, torch.float4_e2m1fn_x2, F4E2M1_MAX, torch.float8_e4m3fn, 2, True)
 
-FORMATS = {f.name: f for f in (MXFP8, NVFP4)}
+# e4m3 activations and weights with float32 per-tensor scales (Hopper's FP8 tensor cores)
+FP8 = FormatSpec("fp8", MXFP8_BLOCK_SIZE, torch.float8_e4m3fn, F8E4M3_MAX, torch.float32, 1, False, "tensor")
+
+FORMATS = {f.name: f for f in (MXFP8, NVFP4, FP8)}
 
 
 def get_format(name: str | FormatSpec) -> FormatSpec:

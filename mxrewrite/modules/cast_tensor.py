@@ -262,17 +262,14 @@ class _NormCast(torch.autograd.Function):
     """``x, gain -> NormCastTensor``; backward: the straight-through norm gradient of ``h = x * rho * gain``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gain: torch.Tensor | None, settings: CastSettings) -> NormCastTensor:
+    def forward(ctx, x: torch.Tensor, gain: torch.Tensor | None, settings: CastSettings,
+                carried: CastSettings) -> NormCastTensor:
         s = settings
         elems, scales, rho, tensor_scale = torch.ops.mxrewrite.norm_cast(
             x, gain if s.gain_in_cast else None, s.fmt, s.norm, s.p, s.scale_mode, s.eps, s.correction,
             s.gain_offset, s.eps_in_root)
         ctx.save_for_backward(x, rho, gain)
         ctx.gain_offset = s.gain_offset
-        # the rescale constant is not carried: only norm_cast reads it, and a per-site float in the tensor's
-        # metadata would reach torch.compile as a symbolic float it cannot rebuild (per-layer compile of
-        # calibrated sites)
-        carried = s._replace(correction=1.0)
         return NormCastTensor(x, rho, elems, scales, tensor_scale, gain, carried, 1.0, x.dtype)
 
     @staticmethod
@@ -285,9 +282,21 @@ class _NormCast(torch.autograd.Function):
             grad_x = torch.ops.mxrewrite.rms_norm_backward(grad_h.contiguous(), x, rho, g)
         if gain is not None and ctx.needs_input_grad[1]:
             grad_gain = (normalize(x, rho) * grad_h.float()).reshape(-1, x.shape[-1]).sum(0).to(gain.dtype)
-        return grad_x, grad_gain, None
+        return grad_x, grad_gain, None, None
 
 
-def norm_cast_tensor(x: torch.Tensor, gain: torch.Tensor | None, settings: CastSettings) -> NormCastTensor:
-    """Normalise and cast ``x`` once (``mxrewrite::norm_cast``), returning the :class:`NormCastTensor`."""
-    return _NormCast.apply(x, gain, settings)
+def carried_settings(settings: CastSettings) -> CastSettings:
+    """The settings a :class:`NormCastTensor` carries: without the rescale constant, which only norm_cast
+    reads (a per-site float in the tensor's metadata reaches torch.compile as a symbolic float it cannot
+    rebuild: per-layer compile of calibrated sites)."""
+    return settings._replace(correction=1.0)
+
+
+def norm_cast_tensor(x: torch.Tensor, gain: torch.Tensor | None, settings: CastSettings,
+                     carried: CastSettings | None = None) -> NormCastTensor:
+    """Normalise and cast ``x`` once (``mxrewrite::norm_cast``), returning the :class:`NormCastTensor`.
+
+    ``carried`` is :func:`carried_settings` of ``settings``, made ahead of time by a module that
+    torch.compile traces (torch 2.11's dynamo cannot pass a NamedTuple built in the traced code on to the
+    tensor's constructor)."""
+    return _NormCast.apply(x, gain, settings, carried or carried_settings(settings))

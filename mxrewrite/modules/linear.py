@@ -3,7 +3,10 @@
 Given a :class:`~mxrewrite.modules.cast_tensor.NormCastTensor` ``h = alpha * xhat * gain``
 it computes ``y = alpha * Q(xhat) @ Q(W * diag(gain))^T + b`` with
 ``mxrewrite::mx_linear`` (the gain folded into the weight before its cast, MXNORM.md);
-given any other input it is ``nn.Linear``. Backward, from the output gradient ``G``:
+given any other input it is ``nn.Linear``, or, when ``linears="all"`` converted it
+(``own_cast``), a linear that casts that input itself (:class:`~mxrewrite.modules.functions.OwnCastLinear`).
+Under ``format="fp8"`` the product is :class:`~mxrewrite.modules.functions.Fp8CastLinear`
+(FP8 with per-tensor scales, Hopper's tensor cores). Backward, from the output gradient ``G``:
 ``grad_h = G @ W`` and ``grad_W = G^T @ h`` (both GEMMs on MXFP8 operands with e5m2
 gradients when ``grad_cast="mx"``), ``grad_b = sum G``; the norm's function turns
 ``grad_h`` into the gradients of ``x`` and the gain once per site.
@@ -15,7 +18,9 @@ weight gradients (unit scaling's constants, in both directions).
 Tensor parallelism: it is an ``nn.Linear``, so ``ColwiseParallel`` shards its
 weight by output rows; each rank then multiplies its replicated cast by its rows
 (the gain runs along the input dim, which every rank holds whole). Row-wise
-sharding would split the cast's blocks and is refused with an error.
+sharding of a linear fed by a norm would split the cast's blocks and is refused
+with an error; a linear casting its own input (``own_cast``) takes
+``RowwiseParallel`` too (each rank casts its slice of the input dim).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 from mxrewrite.errors import MXRewriteError
 from mxrewrite.modules.adopt import adopt_state
 from mxrewrite.modules.cast_tensor import NormCastTensor
+from mxrewrite.modules.functions import Fp8CastLinear, LinearSettings, OwnCastLinear
 from mxrewrite.ops.mx_linear import gemm_dtype, grad_matmul
 from mxrewrite.ops.reference import effective_gain, normalize
 
@@ -71,31 +77,53 @@ def _is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor"
 
 
-class MXLinear(nn.Linear):
-    """A linear fed by a rewritten norm; shares the replaced ``nn.Linear``'s parameters (see module docstring)."""
+def fused_linear(input: NormCastTensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product of a rewritten norm's cast with ``weight``, in the cast's format."""
+    fn = Fp8CastLinear if input.settings.fmt == "fp8" else _CastLinear
+    return fn.apply(input, weight, bias)
 
-    def __init__(self, linear: nn.Linear):
+
+class MXLinear(nn.Linear):
+    """A linear fed by a rewritten norm, or converted by ``linears="all"``; shares the replaced ``nn.Linear``'s
+    parameters (see module docstring).
+
+    Args:
+        linear: the ``nn.Linear`` replaced.
+        own_cast: how to cast a plain (not norm-cast) input; None keeps such inputs in high precision.
+    """
+
+    def __init__(self, linear: nn.Linear, own_cast: LinearSettings | None = None):
         nn.Module.__init__(self)
         adopt_state(self, linear)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.own_cast = own_cast
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "MXLinear":
-        return cls(linear)
+    def from_linear(cls, linear: nn.Linear, own_cast: LinearSettings | None = None) -> "MXLinear":
+        return cls(linear, own_cast)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if _is_dtensor(self.weight):
             return self._sharded_forward(input)
-        if not isinstance(input, NormCastTensor):
-            return F.linear(input, self.weight, self.bias)
-        return _CastLinear.apply(input, self.weight, self.bias)
+        return self._local_forward(input, self.weight, self.bias)
+
+    def _local_forward(self, input, weight, bias):
+        if isinstance(input, NormCastTensor):
+            return fused_linear(input, weight, bias)
+        if self.own_cast is not None:
+            return OwnCastLinear.apply(input, weight, bias, self.own_cast)
+        return F.linear(input, weight, bias)
 
     def _sharded_forward(self, input):
-        """Tensor parallel: replicated cast times this rank's rows of the weight (ColwiseParallel)."""
+        """Tensor parallel: ColwiseParallel (replicated input times this rank's rows of the weight), and for a
+        plain input cast by the linear itself RowwiseParallel (this rank's slice of the input dim, partial sums)."""
         from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
         weight = self.weight
         placements = weight.placements
+        if (self.own_cast is not None and isinstance(input, DTensor) and not isinstance(input, NormCastTensor)
+                and any(isinstance(p, Shard) and p.dim % 2 == 1 for p in placements)):
+            return self._rowwise_forward(input)
         local_input = input
         if isinstance(input, DTensor):
             if not all(isinstance(p, Replicate) for p in input.placements):
@@ -105,7 +133,7 @@ class MXLinear(nn.Linear):
             # sharded: say so, so that the Replicate input layout all-reduces it in backward
             local_input = input.to_local(grad_placements=[Partial() if isinstance(p, Shard) else Replicate()
                                                           for p in placements])
-        if not isinstance(local_input, NormCastTensor):
+        if not isinstance(local_input, NormCastTensor) and self.own_cast is None:
             return F.linear(input, weight, self.bias)
         if not isinstance(input, DTensor) and any(isinstance(p, Shard) for p in placements):
             raise MXRewriteError("MXLinear with a sharded weight needs a replicated DTensor input (its input "
@@ -114,12 +142,22 @@ class MXLinear(nn.Linear):
             raise MXRewriteError("MXLinear cannot be sharded row-wise (it would split the cast's blocks along the "
                                  "input dim); use ColwiseParallel for linears fed by a rewritten norm")
         bias = self.bias.to_local() if self.bias is not None else None
-        y = _CastLinear.apply(local_input, weight.to_local(), bias)
+        y = self._local_forward(local_input, weight.to_local(), bias)
         out_placements = [Shard(y.dim() - 1) if isinstance(p, Shard) else Replicate() for p in placements]
         return DTensor.from_local(y, weight.device_mesh, out_placements, run_check=False)
 
+    def _rowwise_forward(self, input):
+        """RowwiseParallel: each rank casts its slice of the input dim; the outputs are partial sums (the bias,
+        replicated, is added once, after the reduction)."""
+        from torch.distributed.tensor import DTensor, Partial
+
+        y = OwnCastLinear.apply(input.to_local(), self.weight.to_local(), None, self.own_cast)
+        y = DTensor.from_local(y, self.weight.device_mesh, [Partial()], run_check=False)
+        return y + self.bias if self.bias is not None else y
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", fed by a fused norm cast"
+        own = f" or its own {self.own_cast.fmt} cast" if self.own_cast is not None else ""
+        return super().extra_repr() + f", low-precision input: a fused norm cast{own}"
 
 
 class UnitScaledMXLinear(MXLinear):
@@ -137,7 +175,7 @@ class UnitScaledMXLinear(MXLinear):
         grad_weight_scale = batch_size ** -0.5
         weight = scale_bwd(self.weight, grad_weight_scale)
         bias = scale_bwd(self.bias, grad_weight_scale) if self.bias is not None else None
-        output = _CastLinear.apply(scale_bwd(input, grad_input_scale), weight, bias)
+        output = fused_linear(scale_bwd(input, grad_input_scale), weight, bias)
         return scale_fwd(output, output_scale)
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from mxrewrite.errors import BlockShapeError, MXRewriteError
 from mxrewrite.formats import get_format
 from mxrewrite.modules.adopt import adopt_state
-from mxrewrite.modules.cast_tensor import CastSettings, norm_cast_tensor
+from mxrewrite.modules.cast_tensor import CastSettings, carried_settings, norm_cast_tensor
 
 __all__ = ["MXRMSNorm"]
 
@@ -33,6 +33,7 @@ class MXRMSNorm(nn.Module):
         adopt_state(self, norm)
         self.gain_name = gain
         self.settings = settings
+        self.carried_settings = carried_settings(settings)
         self.source_class = type(norm).__name__
         # unit_scaling's RMSNorm scales its gain's gradient by sqrt(D / numel(x)): keep that backward scale
         self.unit_scaled_gain = gain is not None and type(norm).__module__.startswith("unit_scaling")
@@ -51,7 +52,7 @@ class MXRMSNorm(nn.Module):
             from unit_scaling.scale import scale_bwd
 
             gain = scale_bwd(gain, (x.shape[-1] / x.numel()) ** 0.5)
-        return norm_cast_tensor(x, gain, self.settings)
+        return norm_cast_tensor(x, gain, self.settings, self.carried_settings)
 
     def extra_repr(self) -> str:
         s = self.settings

@@ -1,4 +1,4 @@
-"""``mxrewrite::norm_cast``: normalise over the last dim and cast to MXFP8/NVFP4 in one op.
+"""``mxrewrite::norm_cast``: normalise over the last dim and cast to MXFP8/NVFP4/FP8 in one op.
 
 ``norm="mxnorm"`` estimates the RMS from the cast's own block maxima (MXNorm,
 MXNORM.md "pre" mode); ``norm="rmsnorm"`` is the exact RMSNorm fused with the
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from mxrewrite.errors import UnsupportedDtypeError
+from mxrewrite.errors import ConfigError, UnsupportedDtypeError
 from mxrewrite.formats import get_format
 from mxrewrite.formats.constants import SUPPORTED_INPUT_DTYPES
 from mxrewrite.formats.e8m0 import check_scale_mode
@@ -35,6 +35,9 @@ def check_norm_cast_args(x: torch.Tensor, gamma: torch.Tensor | None, fmt: str, 
     check_scale_mode(scale_mode)
     check_cast_input(x, spec.block_size, spec.name)
     if gamma is not None:
+        if not spec.block_scaled:
+            raise ConfigError(f"the {spec.name} norm cast takes no gain (its static scale assumes |x * rho| is "
+                              "bounded by the norm alone): fold the gain into the weights and pass gamma=None")
         if gamma.dtype not in SUPPORTED_INPUT_DTYPES:
             raise UnsupportedDtypeError.for_dtype(gamma.dtype, SUPPORTED_INPUT_DTYPES, "norm gain gamma")
         if gamma.shape != x.shape[-1:]:
@@ -69,7 +72,7 @@ def _(x, gamma, fmt, norm, p, scale_mode, eps, correction, gamma_offset, eps_in_
     spec = get_format(fmt)
     lead, hidden = x.shape[:-1], x.shape[-1]
     data = x.new_empty((*lead, hidden // spec.elems_per_byte), dtype=torch.uint8)
-    scales = x.new_empty((*lead, hidden // spec.block_size), dtype=torch.uint8)
+    scales = x.new_empty((*lead, hidden // spec.block_size if spec.block_scaled else 0), dtype=torch.uint8)
     rho = x.new_empty(lead, dtype=torch.float32)
     return data, scales, rho, x.new_empty((), dtype=torch.float32)
 

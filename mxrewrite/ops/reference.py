@@ -28,6 +28,7 @@ import torch
 
 from mxrewrite.errors import ConfigError
 from mxrewrite.formats import get_format, mx_quantize, nvfp4_quantize
+from mxrewrite.formats.fp8 import saturating_cast, static_scale
 from mxrewrite.formats.mx import block_amax
 from mxrewrite.formats.nvfp4 import MIN_TENSOR_SCALE, NVFP4_SCALE_RANGE
 from mxrewrite.ops.mxnorm_constants import POWERS, mxnorm_output_bound, rmsnorm_output_bound
@@ -79,6 +80,23 @@ def normalize(x: torch.Tensor, rho: torch.Tensor, gain: torch.Tensor | None = No
     return xhat * gain if gain is not None else xhat
 
 
+def norm_output_bound(hidden: int, *, fmt: str, norm: str, p: int, correction: float) -> float:
+    """The largest ``|x * rho|`` the norm can produce (before the gain): MXNorm ``K**(1/p) / c``, RMSNorm ``sqrt(D)``."""
+    if norm == "mxnorm":
+        return mxnorm_output_bound(p, hidden // get_format(fmt).block_size, correction)
+    return rmsnorm_output_bound(hidden)
+
+
+def fp8_activation_scale(hidden: int, *, norm: str, p: int, correction: float) -> float:
+    """The static per-tensor scale of a normalised activation cast to FP8 (``format="fp8"``).
+
+    The norm bounds ``|x * rho|``, so the scale needs no reduction over the tensor
+    (:func:`mxrewrite.formats.fp8.static_scale`: the power of two above ``bound / 448``).
+    The gain is folded into the weights, never applied before this cast.
+    """
+    return static_scale(norm_output_bound(hidden, fmt="fp8", norm=norm, p=p, correction=correction))
+
+
 def activation_tensor_scale(
     hidden: int, gamma: torch.Tensor | None, *, fmt: str, norm: str, p: int, correction: float,
     gamma_offset: float = 0.0, device: torch.device | None = None,
@@ -92,10 +110,7 @@ def activation_tensor_scale(
     spec = get_format(fmt)
     if not spec.tensor_scale:
         return torch.ones((), dtype=torch.float32, device=device)
-    if norm == "mxnorm":
-        bound = mxnorm_output_bound(p, hidden // spec.block_size, correction)
-    else:
-        bound = rmsnorm_output_bound(hidden)
+    bound = norm_output_bound(hidden, fmt=fmt, norm=norm, p=p, correction=correction)
     # torch.full, not torch.tensor: a fill on the device, no host-to-device copy (CUDA-graph safe)
     scale = torch.full((), bound / NVFP4_SCALE_RANGE, dtype=torch.float32, device=device)
     if gamma is not None:
@@ -121,15 +136,21 @@ def norm_cast_reference(
     """Normalise ``x`` over its last dim and cast it: ``(data, scales, rho, tensor_scale)``.
 
     ``data`` and ``scales`` are raw bytes (uint8): float8_e4m3fn / E8M0 for MXFP8,
-    packed e2m1 / float8_e4m3fn for NVFP4. ``rho`` is float32 of shape
-    ``x.shape[:-1]``; ``tensor_scale`` is a 0-d float32 tensor (1.0 for MXFP8).
+    packed e2m1 / float8_e4m3fn for NVFP4, float8_e4m3fn / nothing (shape ``(..., 0)``)
+    for FP8. ``rho`` is float32 of shape ``x.shape[:-1]``; ``tensor_scale`` is a 0-d
+    float32 tensor (1.0 for MXFP8, the static scale for FP8).
     """
     spec = get_format(fmt)
     check_norm_args(norm, p)
     rho = norm_rho(x, norm=norm, p=p, block_size=spec.block_size, correction=correction, eps=eps,
                    eps_in_root=eps_in_root)
     xhat = normalize(x, rho, effective_gain(gamma, gamma_offset) if gamma is not None else None)
-    if spec.tensor_scale:
+    if not spec.block_scaled:
+        scale = fp8_activation_scale(x.shape[-1], norm=norm, p=p, correction=correction)
+        data = saturating_cast(xhat * (1.0 / scale), spec.elem_dtype)
+        scales = torch.empty((*x.shape[:-1], 0), dtype=torch.uint8, device=x.device)
+        tscale = torch.full((), scale, dtype=torch.float32, device=x.device)
+    elif spec.tensor_scale:
         tscale = activation_tensor_scale(x.shape[-1], gamma, fmt=fmt, norm=norm, p=p, correction=correction,
                                          gamma_offset=gamma_offset, device=x.device)
         data, scales, tscale = nvfp4_quantize(xhat, tscale)

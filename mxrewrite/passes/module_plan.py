@@ -99,7 +99,8 @@ def _linear_module(gm: fx.GraphModule, model: nn.Module, lin: LinearConsumer) ->
 def _settings(site: SitePlan, config: RewriteConfig) -> CastSettings:
     m = site.match
     return CastSettings(config.format, config.norm, config.p, config.scale_mode, m.eps, m.eps_in_root,
-                        site.correction, m.gamma_offset, config.norm == "rmsnorm", config.grad_cast)
+                        site.correction, m.gamma_offset, config.norm == "rmsnorm" and config.format != "fp8",
+                        config.grad_cast)
 
 
 def _itemsize(node: fx.Node) -> int:

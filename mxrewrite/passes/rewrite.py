@@ -21,7 +21,10 @@ import logging
 
 import torch.nn as nn
 
-from mxrewrite.modules import MXRMSNorm, replacement_for
+from mxrewrite.config import RewriteConfig
+from mxrewrite.modules import MXLinear, MXRMSNorm, replacement_for
+from mxrewrite.modules.functions import LinearSettings
+from mxrewrite.passes.linear_plan import LinearChoice
 from mxrewrite.passes.module_plan import ModuleSite
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,13 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     model.get_submodule(parent).register_module(child, module)
 
 
-def rewrite(model: nn.Module, sites: list[ModuleSite]) -> nn.Module:
-    """Replace the modules of every rewritten site in ``model`` (in place); returns ``model``."""
+def rewrite(model: nn.Module, sites: list[ModuleSite], linears: list[LinearChoice] = (),
+            config: RewriteConfig | None = None) -> nn.Module:
+    """Replace the modules of every rewritten site in ``model`` (in place), and under ``linears="all"`` every
+    converted linear (``linears``, cast by itself as ``config`` says); returns ``model``."""
+    own_cast = None
+    if config is not None and config.linears == "all":
+        own_cast = LinearSettings(config.format, config.scale_mode, config.grad_cast)
     converted: set[str] = set()
     for site in sites:
         if not site.rewritten:
@@ -52,7 +60,12 @@ def rewrite(model: nn.Module, sites: list[ModuleSite]) -> nn.Module:
         for name in site.linears:
             if name not in converted:
                 linear = model.get_submodule(name)
-                _replace(model, name, replacement_for(linear)(linear))
+                cls = replacement_for(linear)
+                _replace(model, name, cls(linear, own_cast) if cls is MXLinear else cls(linear))
                 converted.add(name)
+    for choice in linears:
+        if choice.converted and choice.name not in converted:
+            _replace(model, choice.name, MXLinear(model.get_submodule(choice.name), own_cast))
+            converted.add(choice.name)
     log.debug("replaced %d norm(s) and %d linear(s)", sum(s.rewritten for s in sites), len(converted))
     return model

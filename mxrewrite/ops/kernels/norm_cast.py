@@ -1,4 +1,4 @@
-"""Fused norm + MXFP8/NVFP4 cast in one Triton kernel: one read of ``x`` from memory, one write of the cast.
+"""Fused norm + MXFP8/NVFP4/FP8 cast in one Triton kernel: one read of ``x`` from memory, one write of the cast.
 
 Each program owns ``ROWS`` whole rows, reduces them to the row's ``rho``
 (MXNorm from the block maxima, or the exact RMSNorm from the sum of squares)
@@ -67,10 +67,10 @@ from mxrewrite.ops.kernels.codecs import (
 )
 from mxrewrite.ops.kernels.launch import is_interpreted, launch
 from mxrewrite.ops.mxnorm_constants import mxnorm_output_bound, rmsnorm_output_bound
-from mxrewrite.ops.reference import check_norm_args
+from mxrewrite.ops.reference import check_norm_args, fp8_activation_scale
 
 # fmt / norm / scale mode codes passed to the kernel as constexprs
-_MXFP8, _NVFP4 = 0, 1
+_MXFP8, _NVFP4, _FP8 = 0, 1, 2
 _MXNORM, _RMSNORM = 0, 1
 _RCEIL, _FLOOR = 0, 1
 
@@ -176,13 +176,20 @@ def _cast_run(x, rho, gain, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, sc
               START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
               HIDDEN: tl.constexpr, FMT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr,
               SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr):
-    """Cast ``x * rho (* gain)`` for one run of blocks and store its data and block scales."""
+    """Cast ``x * rho (* gain)`` for one run of blocks and store its data and block scales (FP8: data only,
+    scaled by the static per-tensor scale)."""
     col = START + tl.arange(0, NB)
     block_mask = row_mask[:, None] & (tl.arange(0, NB) < VALID)[None, :]
     elem_mask = block_mask[:, None, :, None]
     xhat = x * rho[:, None, None, None]
     if HAS_GAMMA:
         xhat = xhat * gain
+    if FMT == 2:
+        # the static scale is a power of two: multiplying by its inverse is exact
+        codes = e4m3_encode(xhat * tscale_inv.to(tl.float32), HW_FP8)
+        data_offs = rows[:, None, None, None].to(tl.int64) * HIDDEN + _run_offsets(START, NB, BLOCK, SPLIT)[None]
+        tl.store(data_ptr + data_offs, codes, mask=elem_mask)
+        return
     # (not max|x| * rho: that misses the NaN of 0 * rho when rho is inf)
     amax = _block_abs_max(xhat)
 
@@ -441,12 +448,14 @@ def chunk_blocks_for(num_blocks: int, wanted: int) -> int:
 
 
 def static_tensor_scale_base(hidden: int, *, fmt: str, norm: str, p: int, correction: float) -> float:
-    """The NVFP4 per-tensor scale before the gain: ``bound / (6 * 448)`` (1.0 for MXFP8).
+    """The NVFP4 per-tensor scale before the gain: ``bound / (6 * 448)`` (1.0 for MXFP8; FP8's static scale).
 
     The same number as ``reference.activation_tensor_scale``; the kernel multiplies
     it by ``max|gain|`` and writes the 0-d result, so no extra launch computes it.
     """
     spec = get_format(fmt)
+    if not spec.block_scaled:
+        return fp8_activation_scale(hidden, norm=norm, p=p, correction=correction)
     if not spec.tensor_scale:
         return 1.0
     if norm == "mxnorm":
@@ -501,12 +510,17 @@ def norm_cast_triton(
     n_rows = x2d.shape[0]
 
     data = torch.empty((n_rows, hidden // spec.elems_per_byte), dtype=torch.uint8, device=x.device)
-    if swizzle_scales:
+    if not spec.block_scaled:
+        num_blocks_stored = 0
+        scales = torch.empty((n_rows, 0), dtype=torch.uint8, device=x.device)
+    elif swizzle_scales:
         numel = swizzled_scales_numel(n_rows, num_blocks)
         padded = n_rows % _SWIZZLE_ROWS or num_blocks % _SWIZZLE_COLS
         scales = (torch.zeros if padded else torch.empty)(numel, dtype=torch.uint8, device=x.device)
     else:
         scales = torch.empty((n_rows, num_blocks), dtype=torch.uint8, device=x.device)
+    if spec.block_scaled:
+        num_blocks_stored = num_blocks
     rho = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     tscale_base = static_tensor_scale_base(hidden, fmt=fmt, norm=norm, p=p, correction=correction)
 
@@ -537,7 +551,7 @@ def norm_cast_triton(
             N0=runs[0].count, V0=runs[0].valid,
             S1=runs[1].start, N1=runs[1].count, V1=runs[1].valid,
             S2=runs[2].start, N2=runs[2].count, V2=runs[2].valid, CHUNK=chunk, SPLIT=cfg.block_split,
-            FMT=_NVFP4 if spec.tensor_scale else _MXFP8,
+            FMT=_FP8 if not spec.block_scaled else _NVFP4 if spec.tensor_scale else _MXFP8,
             NORM=_MXNORM if norm == "mxnorm" else _RMSNORM, P=p, EPS_IN_ROOT=bool(eps_in_root),
             SCALE_MODE=_RCEIL if scale_mode == "rceil" else _FLOOR,
             HAS_GAMMA=gamma is not None, HAS_OFFSET=gamma is not None and gamma_offset != 0.0,
@@ -548,5 +562,5 @@ def norm_cast_triton(
 
     data = data.view(*lead, hidden // spec.elems_per_byte)
     if not swizzle_scales:
-        scales = scales.view(*lead, num_blocks)
+        scales = scales.view(*lead, num_blocks_stored)
     return data, scales, rho.view(lead), tscale

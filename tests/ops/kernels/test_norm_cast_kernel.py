@@ -90,7 +90,7 @@ def assert_cast_equal(fmt: str, ours: tuple[torch.Tensor, torch.Tensor], ref: tu
     assert_no_difference(same_scales, scales, ref_scales, f"{what}: scales")
 
     spec = get_format(fmt)
-    if fmt == "mxfp8":
+    if fmt in ("mxfp8", "fp8"):
         same_data = (data == ref_data) | (((data & 0x7F) == 0x7F) & ((ref_data & 0x7F) == 0x7F))
     else:
         bytes_per_block = spec.block_size // spec.elems_per_byte
@@ -113,7 +113,10 @@ def reference_cast(x, gamma, rho, *, fmt, scale_mode, gamma_offset, tensor_scale
     xhat = x.float() * rho.unsqueeze(-1)
     if gamma is not None:
         xhat = xhat * effective_gain(gamma, gamma_offset)
-    if spec.tensor_scale:
+    if not spec.block_scaled:
+        data = (xhat / tensor_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        scales = torch.empty((*x.shape[:-1], 0), dtype=torch.uint8)
+    elif spec.tensor_scale:
         data, scales, _ = nvfp4_quantize(xhat, tensor_scale)
     else:
         data, scales = mx_quantize(xhat, elem_dtype=spec.elem_dtype, block_size=spec.block_size,
@@ -372,6 +375,21 @@ if INTERPRETED:
                 gamma = gain(shape[-1], dtype, seed=i) if has_gamma else None
                 check_against_reference(x, gamma, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
                                         gamma_offset=offset)
+
+    @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
+    def test_interp_fp8(norm, p, eps_in_root):
+        """FP8 (static per-tensor scale, no gain in the cast): every dtype and shape, the two-loop variant,
+        and the edge rows, bit for bit."""
+        kwargs = dict(fmt="fp8", norm=norm, p=p, eps_in_root=eps_in_root)
+        for i, shape in enumerate(INTERP_SHAPES):
+            for dtype in DTYPES:
+                x = gaussian_rows(shape, dtype, seed=i) if i % 2 else random_rows(shape, dtype, seed=i)
+                check_against_reference(x, None, **kwargs)
+        for shape, cfg in [((5, 192), LaunchConfig(2, 4, 4)), ((3, 256), LaunchConfig(2, 4, 0, block_split=2))]:
+            check_against_reference(random_rows(shape, torch.bfloat16, seed=1), None, launch_cfg=cfg, **kwargs)
+        rows, names = edge_rows(64)
+        for eps in (1e-6, 0.0):
+            check_each_edge_row(rows, names, eps, "cpu", **kwargs)
 
     @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
     def test_interp_floor_scale_mode(norm, p, eps_in_root):

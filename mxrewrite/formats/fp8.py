@@ -1,0 +1,57 @@
+"""FP8 with float32 per-tensor scales: Hopper's native FP8 training format, in plain PyTorch.
+
+Hopper (sm_90) has FP8 tensor cores but no MX block scaling: ``torch._scaled_mm``
+takes one float32 scale per operand (or per row / per 128-block). These casts
+follow torchao's float8 training arithmetic bit for bit (its tensorwise recipe),
+which the tests check:
+
+* dynamic scaling: ``scale = float32(fmax / max(amax, 1e-12))`` computed in
+  float64 (so eager and compiled code agree), ``data = saturate(t * scale)``,
+  and the GEMM multiplies by ``1 / scale``;
+* static scaling of a normalised activation: the norm bounds its output
+  (``|x * rho| <= sqrt(D)`` for RMSNorm, ``K**(1/p) / c`` for MXNorm, see
+  :mod:`mxrewrite.ops.mxnorm_constants`), so the scale is known without a
+  tensor-wide reduction: the fused norm-cast stays one pass over ``x``. It is
+  the power of two just above ``bound / fmax``, so applying it is exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# torchao's floor on amax (float8_utils.EPS): an all-zero tensor gets a huge finite scale, not inf
+AMAX_EPS = 1e-12
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
+
+
+def amax_to_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The multiplier that maps ``amax`` to the largest ``dtype`` value (float32, from float64)."""
+    return (fp8_max(dtype) / torch.clamp(amax.to(torch.float64), min=AMAX_EPS)).to(torch.float32)
+
+
+def saturating_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``clamp(t, -max, max).to(dtype)``: round to nearest even, saturating; NaN stays NaN."""
+    limit = fp8_max(dtype)
+    return t.clamp(min=-limit, max=limit).to(dtype)
+
+
+def fp8_quantize(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-tensor cast: ``(data, dequant_scale)`` with ``t ~= data * dequant_scale``."""
+    scale = amax_to_scale(t.abs().amax(), dtype)
+    return saturating_cast(t.to(torch.float32) * scale, dtype), scale.reciprocal()
+
+
+def static_scale(bound: float, dtype: torch.dtype = torch.float8_e4m3fn) -> float:
+    """The dequantisation scale of a tensor whose magnitudes never exceed ``bound``: the power of two
+    ``s >= bound / fmax`` nearest to it, so ``bound / s`` still fits and ``t / s`` rounds only once."""
+    return 2.0 ** math.ceil(math.log2(bound / fp8_max(dtype)))
+
+
+def fp8_dequantize(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (data.to(torch.float32) * scale).to(dtype)

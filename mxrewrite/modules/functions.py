@@ -1,0 +1,153 @@
+"""The autograd functions of the linears added for Hopper's FP8 and for ``linears="all"``.
+
+* :class:`Fp8CastLinear`: a linear fed by a rewritten norm's FP8 cast
+  (``format="fp8"``). The norm-cast wrote ``Q(xhat)`` with a static scale ``s_x``;
+  the gain is folded into the weight before its dynamic per-tensor cast::
+
+      y = alpha * (Q(xhat) s_x) @ (Q(W diag(g)) s_w)^T + b
+
+  Backward, with ``G`` cast dynamically to e5m2 (torchao's tensorwise recipe):
+  ``grad_h = G @ W`` (``W`` cast on its own, transposed to the layout the GEMM
+  reads) and ``grad_W = alpha * (G^T @ Q(xhat)) diag(g)``: the forward's cast of
+  ``xhat`` is reused, and the gain multiplies the columns of the product.
+* :class:`OwnCastLinear`: a linear whose input is a plain tensor, converted by
+  ``linears="all"`` (attention output, MLP down): it casts its input itself, in
+  any format (FP8 per tensor; MXFP8 / NVFP4 blocks), and runs the same recipe's
+  backward.
+
+``grad_cast="hp"`` keeps both backward GEMMs in high precision.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from mxrewrite.formats import get_format
+from mxrewrite.formats.fp8 import fp8_quantize
+from mxrewrite.modules.cast_tensor import NormCastTensor
+from mxrewrite.ops.fp8 import fp8_mm
+from mxrewrite.ops.matmul import mx_matmul, quantize_matrix
+from mxrewrite.ops.mx_linear import gemm_dtype, grad_matmul
+from mxrewrite.ops.reference import effective_gain, normalize
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+__all__ = ["Fp8CastLinear", "LinearSettings", "OwnCastLinear"]
+
+
+class LinearSettings(NamedTuple):
+    """How a linear converted by ``linears="all"`` casts its own (plain) input."""
+
+    fmt: str
+    scale_mode: str
+    grad_cast: str
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """The row-major copy of ``t.T``: the operand layout of a backward GEMM reducing over ``t``'s rows."""
+    return t.t().contiguous()
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
+
+
+class Fp8CastLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: NormCastTensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        s = h.settings
+        hidden, out_features = h.shape[-1], weight.shape[0]
+        data = h.elems.reshape(-1, hidden).view(E4M3)
+        gain = effective_gain(h.gain, s.gain_offset) if h.gain is not None else None
+        w_data, w_scale = fp8_quantize(weight.float() * gain if gain is not None else weight, E4M3)
+        x_scale = h.tensor_scale * h.alpha if h.alpha != 1.0 else h.tensor_scale
+        y = _add_bias(fp8_mm(data, w_data, x_scale, w_scale, h.dtype), bias)
+        ctx.save_for_backward(data, x_scale, h.x, h.rho, gain, weight)
+        ctx.grad_cast, ctx.input_dtype, ctx.alpha = s.grad_cast, h.dtype, h.alpha
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.reshape(*h.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        data, x_scale, x, rho, gain, weight = ctx.saved_tensors
+        hidden, out_features = x.shape[-1], weight.shape[0]
+        grad = grad_out.reshape(-1, out_features)
+        grad_h = grad_w = grad_b = None
+        column_scale = gain
+        if ctx.grad_cast == "hp":
+            dtype = gemm_dtype(x)
+            if ctx.needs_input_grad[0]:
+                grad_h = (grad.to(dtype) @ weight.to(dtype)).to(ctx.input_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = grad.t().to(dtype) @ normalize(x, rho).reshape(-1, hidden).to(dtype)
+                if ctx.alpha != 1.0:
+                    grad_w = grad_w * ctx.alpha
+        else:
+            g_data, g_scale = fp8_quantize(grad, E5M2)
+            if ctx.needs_input_grad[0]:
+                w_data, w_scale = fp8_quantize(weight, E4M3)
+                grad_h = fp8_mm(g_data, _transposed(w_data), g_scale, w_scale, ctx.input_dtype)
+            if ctx.needs_input_grad[1]:  # (x_scale carries alpha)
+                grad_w = fp8_mm(_transposed(g_data), _transposed(data), g_scale, x_scale, weight.dtype)
+        if grad_h is not None:
+            grad_h = grad_h.reshape(*x.shape[:-1], hidden)
+        if grad_w is not None:
+            grad_w = (grad_w.float() * column_scale if column_scale is not None else grad_w).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = grad.float().sum(0).to(ctx.bias_dtype)
+        return grad_h, grad_w, grad_b
+
+
+class OwnCastLinear(torch.autograd.Function):
+    """``y = Q(x) @ Q(W)^T + b`` for a plain input ``x``; ``settings`` picks the format and the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                settings: LinearSettings) -> torch.Tensor:
+        out_features = weight.shape[0]
+        x2d = x.reshape(-1, x.shape[-1])
+        if get_format(settings.fmt).block_scaled:
+            spec = get_format(settings.fmt)
+            y = mx_matmul(quantize_matrix(x2d, spec, scale_mode=settings.scale_mode),
+                          quantize_matrix(weight, spec, scale_mode=settings.scale_mode), x.dtype)
+            ctx.save_for_backward(x2d, weight)
+        else:
+            x_data, x_scale = fp8_quantize(x2d, E4M3)
+            w_data, w_scale = fp8_quantize(weight, E4M3)
+            y = fp8_mm(x_data, w_data, x_scale, w_scale, x.dtype)
+            if settings.grad_cast == "hp":
+                ctx.save_for_backward(x2d, weight)
+            else:  # the backward reuses the forward's casts
+                ctx.save_for_backward(x_data, x_scale, w_data, w_scale)
+        ctx.settings, ctx.input_shape, ctx.input_dtype = settings, x.shape, x.dtype
+        ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype if bias is not None else None
+        return _add_bias(y, bias).reshape(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        s = ctx.settings
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = None
+        fp8_backward = not get_format(s.fmt).block_scaled and s.grad_cast != "hp"
+        if fp8_backward:
+            x_data, x_scale, w_data, w_scale = ctx.saved_tensors
+            g_data, g_scale = fp8_quantize(grad, E5M2)
+            if ctx.needs_input_grad[0]:
+                grad_x = fp8_mm(g_data, _transposed(w_data), g_scale, w_scale, ctx.input_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = fp8_mm(_transposed(g_data), _transposed(x_data), g_scale, x_scale, ctx.weight_dtype)
+        else:
+            x2d, weight = ctx.saved_tensors
+            grad_f = grad.float()
+            dtype = gemm_dtype(x2d)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_matmul(grad_f, weight, s.grad_cast, s.scale_mode, dtype).to(ctx.input_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = grad_matmul(grad_f.t(), x2d, s.grad_cast, s.scale_mode, dtype).to(ctx.weight_dtype)
+        if grad_x is not None:
+            grad_x = grad_x.reshape(ctx.input_shape)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = grad.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None

@@ -1,0 +1,230 @@
+"""``format="fp8"`` and ``linears="all"`` on whole models (CPU).
+
+* An independent float64 reference of the FP8 recipe for a small SwiGLU block: the norm (exact or MXNorm)
+  and its static-scale e4m3 cast, the gain folded into each weight before its dynamic per-tensor cast, the
+  down projection casting its own input; backward with e5m2 gradients, ``grad_W = (G^T @ Q(xhat)) * gain``
+  and the straight-through norm gradient. Rounding comes from ``tests.reference_model.round_to_grid``
+  (exponent arithmetic, no float8 dtype), nothing from the code under test.
+* ``linears="all"``: which linears are converted and which are kept (head, router), in the report and the
+  modules, and the converted ones really run (counted).
+* torch.compile(fullgraph=True) of an FP8 model equals eager, forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mxrewrite
+from mxrewrite.errors import ConfigError
+from mxrewrite.modules import MXLinear
+from tests.reference_model import E4M3, E5M2, GAUSSIAN_C, _StraightThroughNorm, round_to_grid
+
+D, N = 64, 96
+EPS = 1e-5
+# float32 rounding of the pre-cast products can move a value across an fp8 rounding boundary now and then
+# (one code = one fp8 ulp, 6%); a relative L2 distance of 2e-3 allows a few such flips and is >10x below
+# the cast error itself (measured: 2-4e-2 against the unquantized block)
+TOLERANCE = 2e-3
+
+
+class SwiGLUBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(D, eps=EPS)
+        self.gate = nn.Linear(D, N, bias=False)
+        self.up = nn.Linear(D, N, bias=True)
+        self.down = nn.Linear(N, D, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def make_block(seed=0) -> SwiGLUBlock:
+    torch.manual_seed(seed)
+    block = SwiGLUBlock()
+    with torch.no_grad():
+        block.norm.weight.copy_(torch.rand(D) * 1.5 + 0.25)
+        block.up.bias.normal_()
+    return block
+
+
+# ---------------------------------------------------------------- the independent reference
+
+def dynamic_quant(t: torch.Tensor, elem: tuple) -> torch.Tensor:
+    """Per-tensor cast values: multiplier ``float32(max / amax)`` (computed in float64), product rounded to
+    float32 (the cast's input), then to the grid."""
+    t = t.float().double()
+    mult = torch.tensor(elem[2] / max(t.abs().max().item(), 1e-12)).float().double()
+    return round_to_grid((t * mult).float().double(), elem) / mult
+
+
+def static_quant(xhat: torch.Tensor, bound: float) -> torch.Tensor:
+    scale = 2.0 ** math.ceil(math.log2(bound / 448.0))
+    return round_to_grid(xhat.float().double() / scale, E4M3) * scale
+
+
+class RefFp8Linear(torch.autograd.Function):
+    """``y = q_h @ Q(W * gain)^T + b``; backward ``grad_h = Q5(G) @ Q(W)``, ``grad_W = (Q5(G)^T @ q_h) * gain``."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, q_h, gain):
+        ctx.save_for_backward(weight, q_h, gain)
+        ctx.has_bias = bias is not None
+        w = weight * gain if gain is not None else weight
+        y = q_h.reshape(-1, q_h.shape[-1]) @ dynamic_quant(w, E4M3).t()
+        y = y + bias if bias is not None else y
+        return y.reshape(*h.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, q_h, gain = ctx.saved_tensors
+        g = dynamic_quant(grad_out.reshape(-1, weight.shape[0]), E5M2)
+        grad_h = (g @ dynamic_quant(weight, E4M3)).reshape(q_h.shape)
+        grad_w = g.t() @ q_h.reshape(-1, q_h.shape[-1])
+        if gain is not None:
+            grad_w = grad_w * gain
+        grad_b = grad_out.reshape(-1, weight.shape[0]).sum(0) if ctx.has_bias else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def reference_forward(block: SwiGLUBlock, x: torch.Tensor, norm: str) -> tuple[torch.Tensor, dict]:
+    params = {n: p.detach().double().requires_grad_() for n, p in block.named_parameters()}
+    x = x.detach().double().requires_grad_()
+    if norm == "mxnorm":
+        c = GAUSSIAN_C[(2, 32)]
+        m = x.detach().reshape(*x.shape[:-1], D // 32, 32).abs().amax(-1)
+        rho = 1.0 / (c * m.pow(2).mean(-1).sqrt() + EPS)
+        bound = (D // 32) ** 0.5 / c
+    else:
+        rho = 1.0 / (x.detach().pow(2).mean(-1) + EPS).sqrt()
+        bound = D ** 0.5
+    gain = params["norm.weight"]
+    h = _StraightThroughNorm.apply(x, gain, rho)
+    q_h = static_quant(x.detach() * rho.unsqueeze(-1), bound)
+    gate = RefFp8Linear.apply(h, params["gate.weight"], None, q_h, gain)
+    up = RefFp8Linear.apply(h, params["up.weight"], params["up.bias"], q_h, gain)
+    a = F.silu(gate) * up
+    q_a = dynamic_quant(a.detach(), E4M3)
+    y = x + RefFp8Linear.apply(a, params["down.weight"], None, q_a, None)
+    return y, {"x": x, **params}
+
+
+@pytest.mark.parametrize("norm", ("rmsnorm", "mxnorm"))
+def test_fp8_recipe_matches_an_independent_reference(norm):
+    block = make_block()
+    x = torch.randn(3, 10, D) * 2
+    opt = mxrewrite.optimize(block, (x,), format="fp8", norm=norm, linears="all", progress=False)
+    assert all(isinstance(getattr(opt, n), MXLinear) for n in ("gate", "up", "down"))
+
+    xin = x.clone().requires_grad_()
+    y = opt(xin)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    ref_y, leaves = reference_forward(block, x, norm)
+    ref_y.backward(grad.double())
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert rel(y.detach(), ref_y.detach()) < TOLERANCE
+    with torch.no_grad():
+        plain = block(x)
+    assert rel(y.detach() - x, (plain - x).double()) > 5 * TOLERANCE  # the cast error is visible
+    ours = {"x": xin.grad, **{n: p.grad for n, p in block.named_parameters()}}
+    for name, leaf in leaves.items():
+        assert ours[name] is not None, f"no gradient for {name}"
+        assert rel(ours[name], leaf.grad) < TOLERANCE, f"{name}: {rel(ours[name], leaf.grad):.2e}"
+
+
+def test_fp8_rejects_a_gain_in_the_cast():
+    x = torch.randn(4, 64)
+    with pytest.raises(ConfigError, match="fold the gain"):
+        torch.ops.mxrewrite.norm_cast(x, torch.ones(64), "fp8", "rmsnorm", 2, "rceil", 1e-5, 1.0, 0.0, True)
+
+
+def test_linears_must_be_a_known_choice():
+    with pytest.raises(ConfigError, match="linears"):
+        mxrewrite.RewriteConfig(linears="every")
+
+
+# ---------------------------------------------------------------- linears="all" on a model
+
+class MoEToy(nn.Module):
+    """Norm -> attention-like q/o, a router, an expert MLP, final norm -> head."""
+
+    def __init__(self, vocab=50):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, D)
+        self.norm1 = nn.RMSNorm(D)
+        self.q = nn.Linear(D, D, bias=False)
+        self.o = nn.Linear(D, D, bias=False)
+        self.norm2 = nn.RMSNorm(D)
+        self.router = nn.Linear(D, 4, bias=False)
+        self.w1 = nn.Linear(D, N, bias=False)
+        self.w2 = nn.Linear(N, D, bias=False)
+        self.final = nn.RMSNorm(D)
+        self.head = nn.Linear(D, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x = x + self.o(torch.tanh(self.q(self.norm1(x))))
+        h = self.norm2(x)
+        weights, _ = torch.topk(torch.softmax(self.router(h), -1), 2, dim=-1)
+        x = x + self.w2(F.gelu(self.w1(h))) * weights.sum(-1, keepdim=True)
+        return self.head(self.final(x))
+
+
+@pytest.mark.parametrize("fmt", ("fp8", "mxfp8"))
+def test_linears_all_converts_every_linear_but_head_and_router(fmt):
+    torch.manual_seed(0)
+    model = MoEToy()
+    ids = torch.randint(0, 50, (2, 12))
+    opt = mxrewrite.optimize(model, (ids,), format=fmt, linears="all", progress=False)
+    rows = {r.name: r for r in mxrewrite.get_report(opt).linears}
+    assert {n: r.status for n, r in rows.items()} == {
+        "q": "fused cast", "w1": "fused cast", "o": "own cast", "w2": "own cast", "router": "kept", "head": "kept"}
+    assert "router" in rows["router"].note and "head" in rows["head"].note
+    assert "Linears (4 of 6" in str(mxrewrite.get_report(opt))
+    assert all(isinstance(getattr(opt, n), MXLinear) for n in ("q", "o", "w1", "w2"))
+    assert type(opt.router) is nn.Linear and type(opt.head) is nn.Linear
+
+    calls = {}
+    for name in ("o", "w2"):
+        getattr(opt, name).register_forward_hook(lambda m, i, o, n=name: calls.__setitem__(n, i[0]))
+    out = opt(ids)
+    assert set(calls) == {"o", "w2"}
+    # the converted linears' outputs are their own cast's product, not nn.Linear's
+    for name in ("o", "w2"):
+        lin = getattr(opt, name)
+        exact = F.linear(calls[name], lin.weight)
+        assert not torch.equal(lin(calls[name]), exact)
+        assert ((lin(calls[name]) - exact).norm() / exact.norm()) < 0.1
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+    norm_fed = mxrewrite.optimize(model, (ids,), format=fmt, progress=False)
+    assert mxrewrite.get_report(norm_fed).linears == ()
+    assert type(norm_fed.o) is nn.Linear
+
+
+def test_fp8_model_compiles_to_the_eager_result():
+    block = make_block(1)
+    x = torch.randn(2, 16, D)
+    opt = mxrewrite.optimize(block, (x,), format="fp8", norm="mxnorm", linears="all", progress=False)
+    compiled = torch.compile(opt, fullgraph=True)
+    grads = []
+    for fn in (compiled, opt):
+        block.zero_grad()
+        out = fn(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in block.parameters()]))
+    (out_c, g_c), (out_e, g_e) = grads
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
