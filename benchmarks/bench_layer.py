@@ -1,34 +1,52 @@
-"""A Llama-3-8B-shaped transformer layer, forward + backward under torch.compile, with and without MXNorm.
+"""A Llama-3-8B-shaped transformer layer, forward + backward under torch.compile: bf16, FP8 and MX recipes.
 
-Arms (same layer, same weights, same input; every arm compiled with
-``torch.compile(fullgraph=True, dynamic=False)``):
+Arms (same layer, same weights, same input and output gradient; every arm compiled with
+``torch.compile(fullgraph=True, dynamic=False)``, Inductor's caches off):
 
-* ``bf16``: the layer as written, no MX (a reference point);
-* ``rmsnorm+cast (inductor)``: ``optimize(norm="rmsnorm")`` with the norm-cast op
-  run as PyTorch ops (``MXREWRITE_KERNELS=reference``), so Inductor fuses RMSNorm
-  and the MX cast itself - the paper's baseline "RMSNorm then cast, torch.compile";
-* ``rmsnorm+cast (fused kernel)``: the same rewrite with our fused Triton kernel;
-* ``mxnorm+cast (fused kernel)``: ``optimize(norm="mxnorm")``, MXNorm p=2.
+* ``bf16``: the layer as written (the reference column: speedups are over this arm);
+* ``torchao float8 tensorwise`` / ``rowwise``: ``torchao.float8.convert_to_float8_training`` with
+  ``Float8LinearConfig.from_recipe_name(...)`` on all 7 linears;
+* ``mxrewrite fp8 rmsnorm`` / ``mxnorm``: ``optimize(format="fp8", norm=..., linears="all")``, Hopper's
+  native FP8 (e4m3 activations and weights, e5m2 gradients, float32 per-tensor scales,
+  ``torch._scaled_mm``) on all 7 linears, the norm fused into the activation cast;
+* the MX arms as before (``--format``, default mxfp8; q, k, v, gate and up, emulated GEMMs on Hopper):
+  ``rmsnorm+cast (inductor)`` (``optimize(norm="rmsnorm")`` with the norm-cast op run as PyTorch ops,
+  ``MXREWRITE_KERNELS=reference``, so Inductor fuses RMSNorm and the cast itself), ``rmsnorm+cast
+  (fused kernel)`` and ``mxnorm+cast (fused kernel)``.
 
-All MX arms use the same MX linears for q, k, v, gate and up (o and down stay
-bf16 in every arm: no norm feeds them). Reported: median fwd+bwd time
-(triton.testing.do_bench), and from one profiled step the GPU time by kernel
-category: norm+cast (the activation casts and the norm backward: our kernels by
-name, Inductor's by the norm ops in their names), the weight and gradient MX
-casts Inductor generates, the GEMMs (with the Hopper dequantisation), attention.
+An arm whose API is not there yet (``format="fp8"``, ``linears="all"``) is reported "not available";
+an arm that fails is reported with its error and the others still run.
 
-    python benchmarks/bench_layer.py --tokens 16384
+Reported per arm: median fwd+bwd time (``triton.testing.do_bench``), the speedup over bf16, the GPU
+time by kernel category from one profiled step (see :func:`categorise`), the number of linears the
+recipe converted, and the relative L2 error of the layer output against the same layer (same
+weights) run in float32 on the same input ("rel err"), and of the residual branches alone
+(output minus input, "branch rel err": the residual stream passes through exactly and would hide
+differences). Last: how far the best mxrewrite FP8 arm is from torchao tensorwise, and issue 13's
+targets (>= 1.35x bf16, faster than torchao rowwise, error <= torchao rowwise's).
+
+    python benchmarks/bench_layer.py --out OUT_DIR          # H200, 16384 tokens (4 x 4096)
+    python benchmarks/bench_layer.py --smoke --out /tmp/x   # CPU, tiny layer: checks the code paths
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
 import json
 import math
 import os
+import platform
+import shlex
+import statistics
 import sys
+import time
+import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 # Inductor's caches key on the captured graph, which is the same for the two rmsnorm arms (the
 # MXREWRITE_KERNELS switch acts when the ops are traced): a cached arm would replay the other one.
@@ -77,6 +95,11 @@ class Llama3Layer(nn.Module):
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
 
 
+LLAMA3_8B = dict(dim=4096, ffn=14336, heads=32, kv_heads=8)
+SMOKE = dict(dim=256, ffn=512, heads=4, kv_heads=2)
+N_LINEARS = 7
+
+
 @contextmanager
 def kernels_env(value: str | None):
     old = os.environ.get("MXREWRITE_KERNELS")
@@ -93,126 +116,404 @@ def kernels_env(value: str | None):
             os.environ["MXREWRITE_KERNELS"] = old
 
 
-OUR_NORM_KERNELS = ("_norm_cast_kernel", "_rms_norm_backward_kernel")
-# Inductor names a generated kernel after the ops it fuses: its RMSNorm (bf16 arm) and the rho of
-# RMSNorm + cast (reference arm) carry these; the weight and gradient casts feed block_scaled_mm.
+# ---------------------------------------------------------------------------------------------
+# Kernel categories
+
+# Our norm-cast kernels (MX and FP8) and the norm backward, by name.
+OUR_NORM_KERNELS = ("norm_cast", "rms_norm_backward", "rmsnorm_backward", "mxnorm", "_gain_tensor_scale")
+# Inductor names a generated kernel after the ops it fuses: its RMSNorm (bf16 and torchao arms, where
+# the activation's amax/cast is fused into it) and the rho of RMSNorm + cast (reference arm) carry these.
 INDUCTOR_NORM_PATTERNS = ("rms_norm", "sqrt", "mean")
 # the reference norm backward (rho*g - rho**3 * x * <g, x> / D), as Inductor fuses it
 INDUCTOR_NORM_BACKWARD_OPS = ("sum", "sub", "div")
-GEMM_PATTERNS = ("gemm", "cutlass", "sm90", "xmma", "_dequantize_kernel", "nvjet")
-ATTENTION_PATTERNS = ("flash", "fmha", "attention", "sdpa")
+# cuBLAS / cuBLASLt (nvjet: Hopper's FP8 and bf16 GEMMs), CUTLASS (torch's rowwise-scaled FP8 GEMM),
+# Inductor GEMM templates, and our Hopper MX dequantisation before cuBLAS (counted with its GEMM).
+GEMM_PATTERNS = ("gemm", "cutlass", "sm90", "xmma", "nvjet", "cublas", "splitk", "f8f8bf16", "scaled_mm",
+                 "_dequantize_kernel", "mx_gemm")
+ATTENTION_PATTERNS = ("flash", "fmha", "attention", "sdpa", "scaled_dot_product", "cudnn")
+# Casts outside the norm: weight and gradient casts (MX or FP8), the own-input casts of o and down
+# under linears="all", their amax reductions and transposed copies: Inductor's (named after the ops
+# and the mx_linear/fp8 ops it traced) and ours (Triton, by name).
+CAST_PATTERNS = ("amax", "abs_max", "float8", "fp8", "e4m3", "e5m2", "quant", "cast", "block_scaled_mm",
+                 "scale", "to_mx", "clamp", "reciprocal")
 
 
 def categorise(name: str) -> str:
+    """The kernel category of a CUDA kernel name: norm+cast, attention, gemm, casts or other.
+
+    * norm+cast: the norm (forward, fused with the activation cast where the recipe does) and its backward;
+    * attention: flash / memory-efficient / cuDNN attention, forward and backward;
+    * gemm: every matmul (bf16, FP8 ``_scaled_mm``, the MX emulated GEMM with its dequantisation);
+    * casts: every other cast to a low-precision format (weights, gradients, unnormed activations),
+      with its amax reduction and transposes;
+    * other: elementwise (RoPE, SiLU * up, residual adds, bf16 copies), memset/memcpy.
+    """
     low = name.lower()
     inductor = low.startswith("triton_")
-    if any(p in name for p in OUR_NORM_KERNELS) or (inductor and any(p in low for p in INDUCTOR_NORM_PATTERNS)):
+    if any(p in low for p in OUR_NORM_KERNELS):
         return "norm+cast"
-    if inductor and "block_scaled_mm" not in low and all(p in low for p in INDUCTOR_NORM_BACKWARD_OPS):
-        return "norm+cast"
-    if any(p in low for p in ATTENTION_PATTERNS):
+    if any(p in low for p in ATTENTION_PATTERNS):  # (Inductor's kernels around SDPA too: layout copies)
         return "attention"
-    if any(p in low for p in GEMM_PATTERNS):
+    if inductor and low.startswith("triton_tem"):
         return "gemm"
-    if inductor and "block_scaled_mm" in low:
-        return "weight/grad casts"
+    if not inductor and any(p in low for p in GEMM_PATTERNS):
+        return "gemm"
+    if inductor and any(p in low for p in INDUCTOR_NORM_PATTERNS):
+        return "norm+cast"
+    if any(p in low for p in CAST_PATTERNS):
+        return "casts"
+    if inductor and all(p in low for p in INDUCTOR_NORM_BACKWARD_OPS):
+        return "norm+cast"
     return "other"
 
 
+CATEGORIES = ("norm+cast", "casts", "gemm", "attention", "other")
+
+
 def profile_step(step) -> tuple[dict[str, float], list[tuple[str, float]]]:
-    """GPU time (ms) per category, and per kernel (largest first), of one step."""
+    """Device time (ms) per category, and per kernel (largest first), of one step.
+
+    On CPU (``--smoke``) the same is done with the operators' self CPU time, only to exercise the path."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     per_kernel: dict[str, float] = {}
     for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[evt.name] = per_kernel.get(evt.name, 0.0) + evt.device_time / 1e3
+        if cuda and evt.device_type == torch.autograd.DeviceType.CUDA:
+            ms = evt.device_time / 1e3
+        elif not cuda and evt.device_type == torch.autograd.DeviceType.CPU:
+            ms = evt.self_cpu_time_total / 1e3
+        else:
+            continue
+        per_kernel[evt.name] = per_kernel.get(evt.name, 0.0) + ms
     per_cat: dict[str, float] = {}
     for name, ms in per_kernel.items():
         per_cat[categorise(name)] = per_cat.get(categorise(name), 0.0) + ms
     return per_cat, sorted(per_kernel.items(), key=lambda kv: -kv[1])
 
 
+# ---------------------------------------------------------------------------------------------
+# Arms
+
+
+class NotAvailable(Exception):
+    """The API an arm needs is not there (yet): the arm is reported, not failed."""
+
+
+def fp8_api_missing() -> str | None:
+    """Why ``optimize(format="fp8", linears="all")`` cannot be called, or None when it can."""
+    import dataclasses
+
+    import mxrewrite
+
+    fields = {f.name for f in dataclasses.fields(mxrewrite.RewriteConfig)}
+    if "linears" not in fields:
+        return "mxrewrite.RewriteConfig has no 'linears' field yet"
+    try:
+        mxrewrite.RewriteConfig(format="fp8", linears="all")
+    except Exception as exc:  # noqa: BLE001 - any refusal means the format is not there
+        return f"RewriteConfig(format='fp8', linears='all') refused: {exc}"
+    return None
+
+
+def torchao_missing() -> str | None:
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"torchao.float8 cannot be imported: {exc!r}"
+    return None
+
+
+def build_torchao(recipe: str) -> Callable[[nn.Module, torch.Tensor], nn.Module]:
+    def build(layer, x):
+        missing = torchao_missing()
+        if missing:
+            raise NotAvailable(missing)
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        # converts in place: a copy, same weights
+        return convert_to_float8_training(copy.deepcopy(layer), config=Float8LinearConfig.from_recipe_name(recipe))
+
+    return build
+
+
+def build_mxrewrite(needs_fp8: bool, **kwargs) -> Callable[[nn.Module, torch.Tensor], nn.Module]:
+    def build(layer, x):
+        import mxrewrite
+
+        if needs_fp8:
+            missing = fp8_api_missing()
+            if missing:
+                raise NotAvailable(missing)
+        return mxrewrite.optimize(layer, (x,), progress=False, **kwargs)
+
+    return build
+
+
+def build_bf16(layer, x):
+    return layer
+
+
+@dataclass
+class Arm:
+    name: str
+    kind: str  # bf16 | torchao | mxrewrite-fp8 | mx
+    build: Callable[[nn.Module, torch.Tensor], nn.Module]
+    kernels: str | None = None  # MXREWRITE_KERNELS while the arm is built, traced and run
+
+
+def arms(mx_format: str) -> list[Arm]:
+    return [
+        Arm("bf16", "bf16", build_bf16),
+        Arm("torchao float8 tensorwise", "torchao", build_torchao("tensorwise")),
+        Arm("torchao float8 rowwise", "torchao", build_torchao("rowwise")),
+        Arm("mxrewrite fp8 rmsnorm", "mxrewrite-fp8",
+            build_mxrewrite(True, format="fp8", norm="rmsnorm", linears="all")),
+        Arm("mxrewrite fp8 mxnorm", "mxrewrite-fp8",
+            build_mxrewrite(True, format="fp8", norm="mxnorm", linears="all")),
+        Arm(f"{mx_format} rmsnorm+cast (inductor)", "mx", build_mxrewrite(False, format=mx_format, norm="rmsnorm"),
+            "reference"),
+        Arm(f"{mx_format} rmsnorm+cast (fused kernel)", "mx", build_mxrewrite(False, format=mx_format, norm="rmsnorm")),
+        Arm(f"{mx_format} mxnorm+cast (fused kernel)", "mx", build_mxrewrite(False, format=mx_format, norm="mxnorm")),
+    ]
+
+
+def converted_linears(module: nn.Module) -> int:
+    """Linears the recipe replaced: any ``nn.Linear`` whose class is not ``nn.Linear`` itself."""
+    return sum(1 for m in module.modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear)
+
+
+def bench_ms(fn, warmup_ms: int, rep_ms: int) -> float:
+    """Median ms of ``fn``: triton's do_bench on a GPU, a wall-clock median on CPU (smoke only)."""
+    if torch.cuda.is_available():
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def environment() -> dict:
+    env = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": "python " + shlex.join(sys.argv),
+    }
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["capability"] = "sm_" + "".join(map(str, torch.cuda.get_device_capability()))
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    for pkg in ("triton", "torchao", "transformers"):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except Exception:  # noqa: BLE001
+            env[pkg] = "not installed"
+    return env
+
+
+def env_line(env: dict) -> str:
+    dev = env["device"] + (f" ({env['capability']})" if "capability" in env else "")
+    return (f"{dev}, {env['date_utc']} UTC, torch {env['torch']}, triton {env['triton']}, torchao {env['torchao']}, "
+            f"Python {env['python']}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_arm(arm: Arm, layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, reference: torch.Tensor,
+            args) -> tuple[dict, torch.Tensor]:
+    """Builds, compiles and times one arm: (its results, its float32 output)."""
+    on_gpu = torch.cuda.is_available()
+    t_start = time.perf_counter()
+    with kernels_env(arm.kernels):
+        module = arm.build(layer, x)
+        converted = converted_linears(module)
+        torch._dynamo.reset()
+        compiled = module if args.eager else torch.compile(module, fullgraph=True, dynamic=False)
+        inp = x.detach().requires_grad_()
+
+        def step():
+            compiled(inp).backward(grad)
+
+        # the first call compiles (forward and backward) and gives the output the error is measured on
+        out = compiled(inp)
+        out.backward(grad)
+        out = out.detach().float()
+        if on_gpu:
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t_start
+        ms = bench_ms(step, args.warmup_ms, args.rep_ms)
+        per_cat, per_kernel = profile_step(step)
+    module.zero_grad(set_to_none=True)
+    layer.zero_grad(set_to_none=True)
+    err = rel_l2(out, reference)
+    branch_err = rel_l2(out - x.float(), reference - x.float())
+    total = sum(per_cat.values())
+    del compiled, module
+    return dict(arm=arm.name, kind=arm.kind, status="ok", ms=ms, converted_linears=converted,
+                rel_err_vs_fp32=err, branch_rel_err_vs_fp32=branch_err, gpu_ms=total, categories=per_cat,
+                kernels=per_kernel, compile_and_first_step_s=compile_s), out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--format", default="mxfp8", choices=["mxfp8", "nvfp4"])
+    parser.add_argument("--format", default="mxfp8", choices=["mxfp8", "nvfp4"], help="format of the MX arms")
+    parser.add_argument("--arms", default="", help="comma-separated substrings (e.g. 'torchao,mxrewrite fp8' or "
+                        "'mxfp8'): run only the arms whose name contains one (bf16 always runs: the reference)")
+    parser.add_argument("--warmup-ms", type=int, default=200)
+    parser.add_argument("--rep-ms", type=int, default=2000)
+    parser.add_argument("--eager", action="store_true", help="do not compile (debugging only)")
+    parser.add_argument("--smoke", action="store_true", help="tiny layer (d 256, 2 x 64 tokens) on CPU")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_layer needs a CUDA GPU")
+    if args.smoke:
+        args.tokens, args.seq = 128, 64
+    elif not torch.cuda.is_available():
+        sys.exit("bench_layer needs a CUDA GPU (or --smoke for the CPU check)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference is float32
+    torch.backends.cudnn.allow_tf32 = False
 
-    import triton
     from tabulate import tabulate
 
-    import mxrewrite
-
+    env = environment()
+    print(json.dumps(env), flush=True)
+    shape = SMOKE if args.smoke else LLAMA3_8B
     torch.manual_seed(0)
-    layer = Llama3Layer().cuda().to(torch.bfloat16)
+    layer = Llama3Layer(**shape, max_seq=max(args.seq, 64)).to(device=device, dtype=torch.bfloat16)
     batch = args.tokens // args.seq
-    x = torch.randn(batch, args.seq, 4096, device="cuda", dtype=torch.bfloat16)
-    grad = torch.randn_like(x)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(batch, args.seq, shape["dim"], device=device, dtype=torch.bfloat16, generator=gen)
+    grad = torch.randn(x.shape, device=device, dtype=torch.bfloat16, generator=gen)
+    with torch.no_grad():  # the same layer, same weights, in float32, on the same input
+        layer32 = copy.deepcopy(layer).float()
+        reference = layer32(x.float())
+        del layer32
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
-    arms = [
-        ("bf16", None, None),
-        ("rmsnorm+cast (inductor)", "rmsnorm", "reference"),
-        ("rmsnorm+cast (fused kernel)", "rmsnorm", None),
-        ("mxnorm+cast (fused kernel)", "mxnorm", None),
-    ]
+    wanted = [w.strip() for w in args.arms.split(",") if w.strip()]
+    chosen = [a for a in arms(args.format) if a.kind == "bf16" or not wanted or any(w in a.name for w in wanted)]
     results, outputs = [], {}
-    with torch.no_grad():
-        reference = layer(x).float()
-    for name, norm, kernels in arms:
-        with kernels_env(kernels):
-            module = layer if norm is None else mxrewrite.optimize(layer, (x,), format=args.format, norm=norm,
-                                                                 progress=False)
+    for arm in chosen:
+        print(f"--- {arm.name}", flush=True)
+        try:
+            res, out = run_arm(arm, layer, x, grad, reference, args)
+            if arm.kind == "mx" and "rmsnorm" in arm.name:
+                outputs[arm.name] = out
+        except NotAvailable as exc:
+            res = dict(arm=arm.name, kind=arm.kind, status=f"not available: {exc}")
+        except Exception as exc:  # noqa: BLE001 - report it and go on with the other arms
+            traceback.print_exc()
+            where = "skipped on CPU" if device == "cpu" else "FAILED"
+            res = dict(arm=arm.name, kind=arm.kind, status=f"{where}: {type(exc).__name__}: {exc}"[:400])
+        finally:
+            layer.zero_grad(set_to_none=True)
             torch._dynamo.reset()
-            compiled = torch.compile(module, fullgraph=True, dynamic=False)
-            inp = x.detach().requires_grad_()
-
-            def step():
-                compiled(inp).backward(grad)
-
-            with torch.no_grad():
-                out = compiled(x).float()
-            outputs[name] = out
-            ms = triton.testing.do_bench(step, warmup=200, rep=2000, return_mode="median")
-            per_cat, per_kernel = profile_step(step)
-        layer.zero_grad(set_to_none=True)
-        rel = ((out - reference).norm() / reference.norm()).item()
-        total = sum(per_cat.values())
-        results.append(dict(arm=name, ms=ms, rel_err_vs_bf16=rel, gpu_ms=total, categories=per_cat, kernels=per_kernel))
-        print(f"{name}: {ms:.3f} ms, GPU {total:.3f} ms: "
-              + ", ".join(f"{cat} {t:.3f}" for cat, t in sorted(per_cat.items())), flush=True)
-        for kname, kms in per_kernel[:16]:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        results.append(res)
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # what is done so far, should the run be cut short
+        (Path(args.out) / "bench_layer.json").write_text(json.dumps(
+            dict(env=env, tokens=args.tokens, seq=args.seq, shape=shape, mx_format=args.format, results=results,
+                 complete=False), indent=2))
+        if res["status"] != "ok":
+            print(f"{arm.name}: {res['status']}", flush=True)
+            continue
+        print(f"{arm.name}: {res['ms']:.3f} ms (compile + first step {res['compile_and_first_step_s']:.0f} s), "
+              f"{res['converted_linears']} linears converted, rel err vs fp32 {res['rel_err_vs_fp32']:.4f} "
+              f"(branches {res['branch_rel_err_vs_fp32']:.4f}), device {res['gpu_ms']:.3f} ms: "
+              + ", ".join(f"{c} {res['categories'].get(c, 0.0):.3f}" for c in CATEGORIES), flush=True)
+        for kname, kms in res["kernels"][:16]:
             print(f"    {kms:8.3f} ms  [{categorise(kname)}] {kname[:110]}")
 
-    same_math = (outputs["rmsnorm+cast (fused kernel)"] - outputs["rmsnorm+cast (inductor)"]).norm() / \
-        outputs["rmsnorm+cast (inductor)"].norm()
-    base = results[1]["ms"]
-    device = torch.cuda.get_device_name()
-    env = f"{device}, torch {torch.__version__}, triton {triton.__version__}"
-    rows = [[r["arm"], f"{r['ms']:.3f}", f"{base / r['ms']:.3f}x",
-             f"{r['categories'].get('norm+cast', 0.0):.3f}",
-             f"{100 * r['categories'].get('norm+cast', 0.0) / r['gpu_ms']:.1f}%",
-             f"{r['categories'].get('weight/grad casts', 0.0):.3f}", f"{r['categories'].get('gemm', 0.0):.3f}",
-             f"{r['rel_err_vs_bf16']:.4f}"]
-            for r in results]
-    table = tabulate(rows, ["arm", "fwd+bwd ms", "vs inductor baseline", "norm+cast ms", "norm+cast share",
-                            "weight/grad casts ms", "GEMM ms", "rel err vs bf16"], tablefmt="github")
+    ok = {r["arm"]: r for r in results if r["status"] == "ok"}
+    base = ok.get("bf16")
+    summary: dict = {}
+    mx_rms = [n for n in outputs]
+    if len(mx_rms) == 2:
+        summary["fused_vs_inductor_rmsnorm_rel_diff"] = rel_l2(outputs[mx_rms[1]], outputs[mx_rms[0]])
+
+    lines = []
+    fp8 = [r for r in ok.values() if r["kind"] == "mxrewrite-fp8"]
+    tw, rw = ok.get("torchao float8 tensorwise"), ok.get("torchao float8 rowwise")
+    if fp8:
+        best = min(fp8, key=lambda r: r["ms"])
+        summary["best_mxrewrite_fp8"] = best["arm"]
+        if tw:
+            summary["best_fp8_vs_torchao_tensorwise"] = tw["ms"] / best["ms"]
+            lines.append(f"best mxrewrite FP8 arm ({best['arm']}, {best['ms']:.3f} ms) vs torchao tensorwise "
+                         f"({tw['ms']:.3f} ms): {best['ms'] - tw['ms']:+.3f} ms, {tw['ms'] / best['ms']:.3f}x "
+                         f"({'faster' if best['ms'] < tw['ms'] else 'slower'})")
+        targets = {}
+        for r in fp8:
+            t = {}
+            if base:
+                t[">= 1.35x bf16"] = (base["ms"] / r["ms"] >= 1.35, f"{base['ms'] / r['ms']:.3f}x")
+            if rw:
+                t["faster than torchao rowwise"] = (r["ms"] < rw["ms"], f"{r['ms']:.3f} vs {rw['ms']:.3f} ms")
+                t["error <= torchao rowwise's"] = (r["rel_err_vs_fp32"] <= rw["rel_err_vs_fp32"],
+                                                   f"{r['rel_err_vs_fp32']:.4f} vs {rw['rel_err_vs_fp32']:.4f}")
+            targets[r["arm"]] = {k: dict(met=bool(v[0]), value=v[1]) for k, v in t.items()}
+            lines.append(f"targets, {r['arm']}: " + "; ".join(
+                f"{k}: {'MET' if v[0] else 'NOT MET'} ({v[1]})" for k, v in t.items()))
+        summary["targets"] = targets
+    else:
+        lines.append("no mxrewrite FP8 arm ran: targets not evaluated")
+
+    rows = []
+    for r in results:
+        if r["status"] != "ok":
+            rows.append([r["arm"], "-", r["status"][:60], "", "", "", "", "", "", "", ""])
+            continue
+        c = r["categories"]
+        rows.append([r["arm"], f"{r['converted_linears']}/{N_LINEARS}", f"{r['ms']:.3f}",
+                     f"{base['ms'] / r['ms']:.3f}x" if base else "-",
+                     f"{c.get('norm+cast', 0.0):.3f}", f"{c.get('casts', 0.0):.3f}", f"{c.get('gemm', 0.0):.3f}",
+                     f"{c.get('attention', 0.0):.3f}", f"{c.get('other', 0.0):.3f}",
+                     f"{r['rel_err_vs_fp32']:.4f}", f"{r['branch_rel_err_vs_fp32']:.4f}"])
+    table = tabulate(rows, ["arm", "linears", "fwd+bwd ms", "vs bf16", "norm+cast", "casts", "GEMM", "attention",
+                            "other", "rel err vs fp32", "branch rel err"], tablefmt="github")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_layer.json").write_text(json.dumps(
-        dict(env=env, tokens=args.tokens, seq=args.seq, format=args.format, results=results,
-             fused_vs_inductor_rmsnorm_rel_diff=same_math.item()), indent=2))
-    print(f"\nLlama-3-8B layer (d 4096, ffn 14336, 32/8 heads), {args.tokens} tokens ({batch}x{args.seq}), "
-          f"{args.format}, {env}")
-    print(f"fused rmsnorm kernel vs inductor rmsnorm+cast outputs: rel diff {same_math.item():.2e}")
-    print(table)
-    assert math.isfinite(results[-1]["ms"])
+        dict(env=env, tokens=args.tokens, seq=args.seq, shape=shape, mx_format=args.format, results=results,
+             summary=summary, complete=True), indent=2))
+    (Path(args.out) / "bench_layer_table.md").write_text(table + "\n")
+
+    what = "Llama-3-8B layer (d 4096, ffn 14336, 32/8 heads)" if not args.smoke else f"smoke layer {shape}"
+    print(f"\n{what}, {args.tokens} tokens ({batch}x{args.seq}), fwd+bwd, torch.compile"
+          f"{' (eager)' if args.eager else ''}; category columns: device ms of one profiled step"
+          f"{' (CPU self time: smoke only, not meaningful)' if device == 'cpu' else ''}")
+    print(env_line(env))
+    print(f"command: {env['command']}")
+    if "fused_vs_inductor_rmsnorm_rel_diff" in summary:
+        print(f"fused rmsnorm kernel vs inductor rmsnorm+cast outputs: rel diff "
+              f"{summary['fused_vs_inductor_rmsnorm_rel_diff']:.2e}")
+    for line in lines:
+        print(line)
+    print(table, flush=True)
+    failed = [r["arm"] for r in results if r["status"].startswith("FAILED")]
+    if failed:
+        sys.exit(f"failed arms: {failed}")
+    assert base is None or math.isfinite(base["ms"])
 
 
 if __name__ == "__main__":

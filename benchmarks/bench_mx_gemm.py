@@ -25,7 +25,23 @@ than the 50 MB L2, so inputs are not rotated.
 choose the autotuner's short list. Kernels are compiled up front in parallel
 worker processes (Triton's disk cache is shared), which keeps the run short.
 
+FP8 section (issue 13; ``--only fp8`` runs it alone): Hopper's native FP8 GEMM with float32
+per-tensor scales, as the FP8 recipe runs it. The 21 GEMMs of a Llama-3-8B layer at 16384 tokens:
+for each of the 7 linears (q, k, v, o, gate, up, down; weight (N, K)) the forward
+``Y = X W^T`` (e4m3 x e4m3, M x N x K), the input gradient ``dX = dY W`` (e5m2 x e4m3, M x K x N)
+and the weight gradient ``dW = dY^T X`` (e5m2 x e4m3, N x K x M), each with the operand layouts
+``torch._scaled_mm`` requires (A row-major, B column-major: the transposed casts the recipe
+writes) and bf16 outputs. Timed, interleaved, same operands: bare ``torch._scaled_mm``,
+``mxrewrite.ops.fp8.fp8_matmul`` (same contract through the ``mxrewrite::fp8_mm`` custom op;
+"not available" until it lands) and ``torch.mm`` of bf16 operands of the same shapes and layouts.
+Reported per GEMM and summed: ms, TFLOP/s and fp8_matmul's throughput relative to bare
+``_scaled_mm`` (target >= 95%); fp8_matmul's output is checked bit-equal to ``_scaled_mm``'s.
+By default the forward GEMMs use ``use_fast_accum`` and the backward ones do not, as torchao's
+float8 training and mxrewrite's FP8 recipe do (``--fp8-fast-accum on|off`` for all 21).
+
 Reproduce on the H100: ``python benchmarks/bench_mx_gemm.py --sweep --out DIR``.
+H200, FP8 section only: ``python benchmarks/bench_mx_gemm.py --only fp8 --out DIR``.
+CPU check of the FP8 code path at tiny shapes: ``python benchmarks/bench_mx_gemm.py --smoke --out DIR``.
 """
 
 from __future__ import annotations
@@ -38,6 +54,8 @@ import math
 import multiprocessing
 import os
 import platform
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -267,17 +285,221 @@ def run(sweep: bool, rep_ms: int) -> tuple[list[Timing], list[Timing], list[Chec
 
 
 def environment() -> dict:
-    import triton
-
-    return {
-        "device": torch.cuda.get_device_name(),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+    cuda = torch.cuda.is_available()
+    env = {
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else "-",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": triton.__version__,
         "python": platform.python_version(),
+        "command": "python " + shlex.join(sys.argv),
     }
+    for pkg in ("triton", "torchao"):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except Exception:  # noqa: BLE001
+            env[pkg] = "not installed"
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 (Hopper-native, float32 per-tensor scales): the 21 GEMMs of a Llama-3-8B layer
+
+# (name, N = out_features, K = in_features)
+FP8_LINEARS = [("q", 4096, 4096), ("k", 1024, 4096), ("v", 1024, 4096), ("o", 4096, 4096),
+               ("gate", 14336, 4096), ("up", 14336, 4096), ("down", 4096, 14336)]
+FP8_SMOKE_LINEARS = [("q", 256, 256), ("k", 64, 256), ("v", 64, 256), ("o", 256, 256),
+                     ("gate", 512, 256), ("up", 512, 256), ("down", 256, 512)]
+FP8_TARGET = 0.95
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+@dataclass(frozen=True)
+class FP8Gemm:
+    """One GEMM ``out (m, n) = a (m, k) @ b (k, n)``, a row-major, b column-major (``_scaled_mm``'s layouts)."""
+
+    linear: str
+    kind: str  # fwd | dgrad | wgrad
+    m: int
+    n: int
+    k: int
+    a_dtype: torch.dtype
+    b_dtype: torch.dtype
+    a_std: float
+    b_std: float
+    fast_accum: bool = False  # use_fast_accum: no periodic float32 promotion of the accumulator
+
+
+def fp8_gemms(tokens: int, linears, fast_accum: str = "recipe") -> list[FP8Gemm]:
+    """Forward Y = X W^T, input gradient dX = dY W, weight gradient dW = dY^T X of each linear.
+
+    X: activations (e4m3, unit scale), W: weights (e4m3, 0.02), dY: output gradients (e5m2, 1e-3).
+    The operand B of each is stored (n, k) row-major and passed transposed: for dgrad that is W^T
+    stored row-major, for wgrad X^T: the transposed casts the recipe writes.
+
+    ``fast_accum``: ``"recipe"`` (the forward GEMMs with ``use_fast_accum``, the backward ones without,
+    as torchao's float8 training and mxrewrite's FP8 recipe do), ``"on"`` or ``"off"`` for all 21."""
+    fwd_fast = fast_accum in ("recipe", "on")
+    bwd_fast = fast_accum == "on"
+    out = []
+    for name, n, k in linears:
+        out.append(FP8Gemm(name, "fwd", tokens, n, k, E4M3, E4M3, 1.0, 0.02, fwd_fast))     # X (M,K) @ W^T (K,N)
+        out.append(FP8Gemm(name, "dgrad", tokens, k, n, E5M2, E4M3, 1e-3, 0.02, bwd_fast))  # dY (M,N) @ W (N,K)
+        out.append(FP8Gemm(name, "wgrad", n, k, tokens, E5M2, E4M3, 1e-3, 1.0, bwd_fast))   # dY^T (N,M) @ X (M,K)
+    return out
+
+
+def _fp8_cast(shape, dtype, std, gen, device):
+    """A random (never zero) bf16 tensor cast per tensor as the recipe does: (data, bf16 source, dequant scale)."""
+    src = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen) * std
+    fmax = torch.finfo(dtype).max
+    scale = (fmax / src.abs().amax().float().clamp(min=1e-12)).to(torch.float32)
+    data = (src.float() * scale).clamp(-fmax, fmax).to(dtype)
+    return data, src, scale.reciprocal()
+
+
+def _median_ms(fn, rep_ms: int) -> float:
+    if torch.cuda.is_available():
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def fp8_matmul_or_reason():
+    """``(fp8_matmul, takes_fast_accum, "")``, or ``(None, False, why not)``."""
+    try:
+        from mxrewrite.ops.fp8 import fp8_matmul
+    except Exception as exc:  # noqa: BLE001 - not landed yet, or broken: reported, the rest still runs
+        return None, False, f"mxrewrite.ops.fp8.fp8_matmul not available: {exc!r}"[:300]
+    import inspect
+
+    return fp8_matmul, "fast_accum" in inspect.signature(fp8_matmul).parameters, ""
+
+
+def run_fp8(tokens: int, linears, rep_ms: int, rounds: int, fast_accum: str) -> dict:
+    """Times each of the 21 GEMMs: bare ``_scaled_mm``, ``fp8_matmul`` (rounds interleaved) and bf16 mm."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fp8_matmul, takes_fast_accum, missing = fp8_matmul_or_reason()
+    if missing:
+        print(missing, flush=True)
+    elif not takes_fast_accum and fast_accum != "off":
+        print("fp8_matmul takes no fast_accum: compared with _scaled_mm without use_fast_accum", flush=True)
+        fast_accum = "off"
+    rows = []
+    for i, g in enumerate(fp8_gemms(tokens, linears, fast_accum)):
+        gen = torch.Generator(device=device).manual_seed(1000 + i)
+        a, a_src, sa = _fp8_cast((g.m, g.k), g.a_dtype, g.a_std, gen, device)
+        b_store, b_src, sb = _fp8_cast((g.n, g.k), g.b_dtype, g.b_std, gen, device)
+        b = b_store.t()  # (k, n), column-major
+        b_bf16 = b_src.t()
+        assert a.is_contiguous() and b.stride() == (1, g.k)
+
+        def scaled():
+            return torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16, use_fast_accum=g.fast_accum)
+
+        def ours():
+            if takes_fast_accum:
+                return fp8_matmul(a, b, sa, sb, torch.bfloat16, fast_accum=g.fast_accum)
+            return fp8_matmul(a, b, sa, sb, torch.bfloat16)
+
+        def bf16():
+            return torch.mm(a_src, b_bf16)
+
+        ref = scaled()
+        row = dict(linear=g.linear, kind=g.kind, m=g.m, n=g.n, k=g.k, a_dtype=str(g.a_dtype).split(".")[-1],
+                   b_dtype=str(g.b_dtype).split(".")[-1], fast_accum=g.fast_accum, flop=2.0 * g.m * g.n * g.k)
+        if fp8_matmul is not None:
+            try:
+                got = ours()
+                row["bit_equal"] = bool(torch.equal(got, ref))
+                row["max_abs_diff"] = (got.float() - ref.float()).abs().max().item()
+                del got
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                print(f"{g.linear} {g.kind}: fp8_matmul FAILED {row['error']}", flush=True)
+        del ref
+        t_scaled, t_ours = [], []
+        for _ in range(rounds):
+            t_scaled.append(_median_ms(scaled, rep_ms))
+            if fp8_matmul is not None and "error" not in row:
+                t_ours.append(_median_ms(ours, rep_ms))
+        row["scaled_mm_ms"] = sum(t_scaled) / len(t_scaled)
+        row["fp8_matmul_ms"] = sum(t_ours) / len(t_ours) if t_ours else None
+        row["bf16_ms"] = _median_ms(bf16, rep_ms)
+        rows.append(row)
+        ratio = row["scaled_mm_ms"] / row["fp8_matmul_ms"] if row["fp8_matmul_ms"] else None
+        print(f"fp8 {g.linear:5s} {g.kind:5s} {g.m:6d}x{g.n:6d}x{g.k:6d} {row['a_dtype']:13s} x {row['b_dtype']:13s} "
+              f"scaled_mm {row['scaled_mm_ms']:7.3f} ms ({_tflops(g.m, g.n, g.k, row['scaled_mm_ms']):5.0f} TFLOP/s)  "
+              f"fp8_matmul {row['fp8_matmul_ms'] or float('nan'):7.3f} ms "
+              f"({'%.1f%%' % (100 * ratio) if ratio else 'n/a'})  bf16 {row['bf16_ms']:7.3f} ms"
+              f"{'' if row.get('bit_equal', True) else '  OUTPUT DIFFERS'}", flush=True)
+        del a, a_src, b_store, b_src, b, b_bf16
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return dict(tokens=tokens, rounds=rounds, rep_ms=rep_ms, fast_accum=fast_accum, rows=rows,
+                fp8_matmul_missing=missing)
+
+
+def fp8_summary(res: dict) -> tuple[str, dict]:
+    """Per-GEMM table and sums (all, and per pass), the ratio and the target verdict."""
+    rows = res["rows"]
+    have_ours = bool(rows) and all(r.get("fp8_matmul_ms") for r in rows)
+
+    def line(label, sel):
+        flop = sum(r["flop"] for r in sel)
+        sc, bf = sum(r["scaled_mm_ms"] for r in sel), sum(r["bf16_ms"] for r in sel)
+        ours = sum(r["fp8_matmul_ms"] for r in sel) if have_ours else None
+        return [label, f"{bf:.3f} ({flop / bf / 1e9:.0f})", f"{sc:.3f} ({flop / sc / 1e9:.0f})",
+                f"{ours:.3f} ({flop / ours / 1e9:.0f})" if ours else "n/a",
+                f"{100 * sc / ours:.1f}%" if ours else "n/a", f"{bf / sc:.2f}x"], (sc / ours if ours else None)
+
+    table_rows = []
+    for r in rows:
+        ours = r.get("fp8_matmul_ms")
+        table_rows.append([f"{r['linear']} {r['kind']} {r['m']}x{r['n']}x{r['k']} "
+                           f"{r['a_dtype'].replace('float8_', '')}x{r['b_dtype'].replace('float8_', '')}"
+                           f"{' fast' if r['fast_accum'] else ''}",
+                           f"{r['bf16_ms']:.3f} ({r['flop'] / r['bf16_ms'] / 1e9:.0f})",
+                           f"{r['scaled_mm_ms']:.3f} ({r['flop'] / r['scaled_mm_ms'] / 1e9:.0f})",
+                           f"{ours:.3f} ({r['flop'] / ours / 1e9:.0f})" if ours else r.get("error", "n/a")[:40],
+                           f"{100 * r['scaled_mm_ms'] / ours:.1f}%" if ours else "n/a",
+                           f"{r['bf16_ms'] / r['scaled_mm_ms']:.2f}x"])
+    summary = {}
+    for kind in ("fwd", "dgrad", "wgrad"):
+        row, ratio = line(f"sum {kind} (7)", [r for r in rows if r["kind"] == kind])
+        table_rows.append(row)
+        summary[f"ratio_{kind}"] = ratio
+    row, ratio = line(f"sum all ({len(rows)})", rows)
+    table_rows.append(row)
+    summary["ratio_all"] = ratio
+    summary["sum_ms"] = {v: sum(r[f"{v}_ms"] for r in rows) if (v != "fp8_matmul" or have_ours) else None
+                         for v in ("bf16", "scaled_mm", "fp8_matmul")}
+    from tabulate import tabulate
+
+    table = tabulate(table_rows, ["GEMM (m x n x k, A x B)", "bf16 mm ms (TFLOP/s)", "_scaled_mm ms (TFLOP/s)",
+                                  "fp8_matmul ms (TFLOP/s)", "fp8_matmul / _scaled_mm", "FP8 speedup vs bf16"],
+                     tablefmt="github")
+    if ratio is None:
+        verdict = f"fp8_matmul vs _scaled_mm: not measured ({res['fp8_matmul_missing'] or 'fp8_matmul failed'})"
+    else:
+        worst = min(rows, key=lambda r: r["scaled_mm_ms"] / r["fp8_matmul_ms"])
+        w = worst["scaled_mm_ms"] / worst["fp8_matmul_ms"]
+        met = ratio >= FP8_TARGET
+        verdict = (f"fp8_matmul at {100 * ratio:.1f}% of bare _scaled_mm over the {len(rows)} GEMMs "
+                   f"(target >= {100 * FP8_TARGET:.0f}%: {'MET' if met else 'NOT MET'}); worst GEMM "
+                   f"{worst['linear']} {worst['kind']} {100 * w:.1f}%; outputs bit-equal to _scaled_mm: "
+                   f"{all(r.get('bit_equal', False) for r in rows)}")
+        summary["target_met"] = met
+    summary["verdict"] = verdict
+    return table, summary
 
 
 def markdown(timings: list[Timing]) -> str:
@@ -313,39 +535,75 @@ def markdown(timings: list[Timing]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for the full results")
+    parser.add_argument("--only", choices=["all", "mx", "fp8"], default="all",
+                        help="run the MX sections, the FP8 section, or both (default)")
     parser.add_argument("--sweep", action="store_true", help="also time the fixed tile list on the q/o shape")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
+    parser.add_argument("--fp8-rounds", type=int, default=2,
+                        help="interleaved rounds of _scaled_mm / fp8_matmul timings per GEMM (mean of medians)")
+    parser.add_argument("--fp8-fast-accum", choices=["recipe", "on", "off"], default="recipe",
+                        help="use_fast_accum of the FP8 GEMMs: forward only as the recipes do (default), all, none")
     parser.add_argument("--compile-workers", type=int, default=min(12, os.cpu_count() or 1))
+    parser.add_argument("--smoke", action="store_true", help="FP8 section at tiny shapes (64 tokens), CPU is fine")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_mx_gemm needs a CUDA GPU")
+    if not torch.cuda.is_available() and not args.smoke:
+        raise SystemExit("bench_mx_gemm needs a CUDA GPU (or --smoke for the CPU check of the FP8 section)")
+    run_mx = args.only in ("all", "mx") and torch.cuda.is_available()
+    run_fp8_section = args.only in ("all", "fp8")
+    if args.only in ("all", "mx") and not torch.cuda.is_available():
+        print("MX sections skipped: they need CUDA (Triton kernels)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     env = environment()
     print(json.dumps(env), flush=True)
-    if args.compile_workers > 1:
-        precompile(args.compile_workers, args.sweep)
-    timings, sweep_rows, checks = run(args.sweep, args.rep_ms)
-    with open(os.path.join(args.out, "mx_gemm_results.json"), "w") as f:
-        json.dump({"environment": env, "timings": [asdict(t) for t in timings],
-                   "sweep": [asdict(t) for t in sweep_rows], "checks": [asdict(c) for c in checks]}, f, indent=1)
-    table = markdown(timings)
-    with open(os.path.join(args.out, "mx_gemm_table.md"), "w") as f:
-        f.write(table + "\n")
-    print("\nall timings:")
-    for t in timings:
-        print(f"  {t.shape:8s} M={t.m:<6d} {t.fmt:13s} {t.variant:17s} {t.ms:8.3f} ms {t.tflops:6.0f} TFLOP/s  "
-              f"{t.config}")
-    if sweep_rows:
-        print("\nsweep (q/o shape):")
-        for t in sorted(sweep_rows, key=lambda t: (t.fmt, t.variant, t.ms)):
-            print(f"  {t.fmt:8s} {t.variant:17s} {t.config:22s} {t.ms:7.3f} ms {t.tflops:6.0f} TFLOP/s")
-    print("\nchecks:", "all ok" if all(c.ok for c in checks) else "FAILURES")
-    for c in checks:
-        if not c.ok:
-            print("  FAILED", c)
+
+    table = None
+    if run_mx:
+        if args.compile_workers > 1:
+            precompile(args.compile_workers, args.sweep)
+        timings, sweep_rows, checks = run(args.sweep, args.rep_ms)
+        with open(os.path.join(args.out, "mx_gemm_results.json"), "w") as f:
+            json.dump({"environment": env, "timings": [asdict(t) for t in timings],
+                       "sweep": [asdict(t) for t in sweep_rows], "checks": [asdict(c) for c in checks]}, f, indent=1)
+        table = markdown(timings)
+        with open(os.path.join(args.out, "mx_gemm_table.md"), "w") as f:
+            f.write(table + "\n")
+        print("\nall timings:")
+        for t in timings:
+            print(f"  {t.shape:8s} M={t.m:<6d} {t.fmt:13s} {t.variant:17s} {t.ms:8.3f} ms {t.tflops:6.0f} TFLOP/s  "
+                  f"{t.config}")
+        if sweep_rows:
+            print("\nsweep (q/o shape):")
+            for t in sorted(sweep_rows, key=lambda t: (t.fmt, t.variant, t.ms)):
+                print(f"  {t.fmt:8s} {t.variant:17s} {t.config:22s} {t.ms:7.3f} ms {t.tflops:6.0f} TFLOP/s")
+        print("\nchecks:", "all ok" if all(c.ok for c in checks) else "FAILURES")
+        for c in checks:
+            if not c.ok:
+                print("  FAILED", c)
+
+    fp8_table = None
+    if run_fp8_section:
+        tokens, linears = (64, FP8_SMOKE_LINEARS) if args.smoke else (M_TOKENS, FP8_LINEARS)
+        print(f"\nFP8 GEMMs, {tokens} tokens", flush=True)
+        res = run_fp8(tokens, linears, 20 if args.smoke else args.rep_ms, args.fp8_rounds, args.fp8_fast_accum)
+        fp8_table, summary = fp8_summary(res)
+        with open(os.path.join(args.out, "fp8_gemm_results.json"), "w") as f:
+            json.dump({"environment": env, **res, "summary": summary}, f, indent=1)
+        with open(os.path.join(args.out, "fp8_gemm_table.md"), "w") as f:
+            f.write(fp8_table + "\n\n" + summary["verdict"] + "\n")
+
     print(f"\n{env['device']} (sm_{env['capability']}), {env['date_utc']} UTC, torch {env['torch']}, "
-          f"CUDA {env['cuda']}, triton {env['triton']}; TFLOP/s, median of do_bench")
-    print(table)
+          f"CUDA {env['cuda']}, triton {env['triton']}, torchao {env['torchao']}, Python {env['python']}")
+    print(f"command: {env['command']}")
+    if table:
+        print("\nMX GEMMs: TFLOP/s, median of do_bench")
+        print(table)
+    if fp8_table:
+        print(f"\nFP8 GEMMs of a Llama-3-8B layer{' (smoke shapes)' if args.smoke else ''}, {tokens} tokens, "
+              f"bf16 outputs, per-tensor float32 scales, use_fast_accum {res['fast_accum']} ('fast': on); "
+              f"ms (TFLOP/s), median of do_bench"
+              f"{', CPU wall clock: not meaningful' if not torch.cuda.is_available() else ''}")
+        print(fp8_table)
+        print(summary["verdict"], flush=True)
 
 
 if __name__ == "__main__":

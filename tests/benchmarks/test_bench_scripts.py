@@ -1,0 +1,120 @@
+"""CPU checks of the GPU benchmark scripts (bench_layer, bench_mx_gemm, bench_train).
+
+The scripts are run on the H200 in one call each, so their code paths are exercised here first:
+the kernel categories and the list of FP8 GEMMs directly, and each script's ``--smoke`` mode
+(tiny shapes, CPU, eager) in a subprocess. The numbers measured on CPU mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _import(name: str):
+    """Imports a benchmark script without letting it change this process's environment
+    (bench_layer turns Inductor's caches off at import)."""
+    saved = dict(os.environ)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.mark.parametrize("name, category", [
+    ("nvjet_qqtst_128x256_64x4_2x1_v_bz_coopA_NNT", "gemm"),                       # cuBLASLt FP8
+    ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("void cutlass::device_kernel<at::cuda::detail::enable_3x_kernel_for_sm9x<GemmUniversal<>>>", "gemm"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float>", "gemm"),
+    ("_dequantize_kernel", "gemm"),                                                 # Hopper MX emulation
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
+    ("triton_poi_fused__scaled_dot_product_efficient_attention_backward_3", "attention"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "norm+cast"),            # Inductor RMSNorm
+    ("_norm_cast_kernel", "norm+cast"),
+    ("_rms_norm_backward_kernel", "norm+cast"),
+    ("triton_red_fused_abs_amax_0", "casts"),                                       # torchao amax
+    ("triton_poi_fused__to_copy_clamp_mul_1", "casts"),                             # saturating FP8 cast
+    ("triton_poi_fused_block_scaled_mm_5", "casts"),                                # MX weight/grad casts
+    ("triton_poi_fused_mul_silu_2", "other"),
+    ("Memset (Device)", "other"),
+])
+def test_kernel_categories(name, category):
+    assert _import("bench_layer").categorise(name) == category
+
+
+def test_fp8_gemms_are_the_21_gemms_of_a_layer():
+    gm = _import("bench_mx_gemm")
+    gemms = gm.fp8_gemms(16384, gm.FP8_LINEARS)
+    assert len(gemms) == 21
+    assert sum(g.m * g.n * g.k for g in gemms) == 3 * 16384 * sum(n * k for _, n, k in gm.FP8_LINEARS)
+    q_fwd, q_dgrad, q_wgrad = gemms[:3]
+    assert (q_fwd.m, q_fwd.n, q_fwd.k) == (16384, 4096, 4096)
+    down = [g for g in gemms if g.linear == "down"]
+    assert [(g.kind, g.m, g.n, g.k) for g in down] == [
+        ("fwd", 16384, 4096, 14336), ("dgrad", 16384, 14336, 4096), ("wgrad", 4096, 14336, 16384)]
+    for g in gemms:  # e4m3 forward, e5m2 gradients in both backward GEMMs; fast accumulation forward only
+        assert (g.a_dtype == gm.E4M3) == (g.kind == "fwd")
+        assert g.b_dtype == gm.E4M3
+        assert g.fast_accum == (g.kind == "fwd")
+
+
+def _smoke(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(tmp_path), *args],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "command: python" in proc.stdout
+    return proc
+
+
+def _fp8_api() -> bool:
+    return _import("bench_layer").fp8_api_missing() is None
+
+
+@pytest.mark.slow
+def test_bench_layer_smoke(tmp_path):
+    _smoke("bench_layer.py", "--eager", "--arms", "torchao,mxrewrite fp8", tmp_path=tmp_path)
+    res = {r["arm"]: r for r in json.loads((tmp_path / "bench_layer.json").read_text())["results"]}
+    assert res["bf16"]["status"] == "ok" and res["bf16"]["rel_err_vs_fp32"] < 0.01
+    for name in ("mxrewrite fp8 rmsnorm", "mxrewrite fp8 mxnorm"):
+        if _fp8_api():
+            assert res[name]["status"] == "ok", res[name]["status"]
+            assert res[name]["converted_linears"] == 7
+            assert res[name]["rel_err_vs_fp32"] < 0.05
+        else:
+            assert res[name]["status"].startswith("not available")
+
+
+@pytest.mark.slow
+def test_bench_mx_gemm_smoke(tmp_path):
+    _smoke("bench_mx_gemm.py", "--fp8-rounds", "1", tmp_path=tmp_path)
+    res = json.loads((tmp_path / "fp8_gemm_results.json").read_text())
+    assert len(res["rows"]) == 21
+    assert all(r["scaled_mm_ms"] > 0 and r["bf16_ms"] > 0 for r in res["rows"])
+    if not res["fp8_matmul_missing"]:
+        assert all(r["bit_equal"] for r in res["rows"])
+
+
+@pytest.mark.slow
+def test_bench_train_smoke(tmp_path):
+    _smoke("bench_train.py", "--compile", "none", "--arms", "mxrewrite fp8", tmp_path=tmp_path)
+    res = {r["arm"]: r for r in json.loads((tmp_path / "bench_train.json").read_text())["results"]}
+    assert res["bf16"]["status"] == "ok" and res["bf16"]["trains"]
+    for name in ("mxrewrite fp8 rmsnorm", "mxrewrite fp8 mxnorm"):
+        if _fp8_api():
+            assert res[name]["status"] == "ok", res[name]["status"]
+            assert res[name]["trains"]
+            assert res[name]["converted_linears"] == 14  # 7 per layer, the head stays bf16
+        else:
+            assert res[name]["status"].startswith("not available")
