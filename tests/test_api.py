@@ -68,8 +68,8 @@ def test_config_overrides_and_errors(head_model):
     model, ids = head_model
     opt = optimize(model, (ids,), config=RewriteConfig(format="nvfp4"), p=1)
     assert opt.mx_config == RewriteConfig(format="nvfp4", p=1)
-    with pytest.raises(ConfigError, match="format='fp8'"):
-        optimize(model, (ids,), format="fp8")
+    with pytest.raises(ConfigError, match="format='fp16'"):
+        optimize(model, (ids,), format="fp16")
     with pytest.raises(ConfigError, match="unknown RewriteConfig option"):
         optimize(model, (ids,), formats="nvfp4")
     with pytest.raises(ConfigError, match="nn.Module"):

@@ -47,6 +47,19 @@ def fp8_quantize(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> t
     return saturating_cast(t.to(torch.float32) * scale, dtype), scale.reciprocal()
 
 
+def fp8_quantize_with_transpose(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fp8_quantize` of a 2-D ``t`` in both layouts: ``(data, data.T made contiguous, dequant_scale)``.
+
+    Both are cast from ``t`` itself, so torch.compile can write the two layouts from one read of ``t``
+    (the GEMMs of a backward read an operand along either dim; casting then transposing the float8 copy
+    takes a second pass)."""
+    scale = amax_to_scale(t.abs().amax(), dtype)
+    data = saturating_cast(t.to(torch.float32) * scale, dtype)
+    data_t = saturating_cast(t.t().to(torch.float32) * scale, dtype).contiguous()
+    return data, data_t, scale.reciprocal()
+
+
 def static_scale(bound: float, dtype: torch.dtype = torch.float8_e4m3fn) -> float:
     """The dequantisation scale of a tensor whose magnitudes never exceed ``bound``: the power of two
     ``s >= bound / fmax`` nearest to it, so ``bound / s`` still fits and ``t / s`` rounds only once."""

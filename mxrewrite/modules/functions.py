@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from mxrewrite.formats import get_format
-from mxrewrite.formats.fp8 import fp8_quantize
+from mxrewrite.formats.fp8 import fp8_quantize, fp8_quantize_with_transpose
 from mxrewrite.modules.cast_tensor import NormCastTensor
 from mxrewrite.ops.fp8 import fp8_mm
 from mxrewrite.ops.matmul import mx_matmul, quantize_matrix
@@ -33,6 +33,9 @@ from mxrewrite.ops.mx_linear import gemm_dtype, grad_matmul
 from mxrewrite.ops.reference import effective_gain, normalize
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# the forward GEMMs accumulate without float32 promotion on Hopper, as torchao's float8 training does
+# (H200, Llama-3-8B layer: 0.45 ms faster, output error 0.00701 instead of 0.00699)
+FAST_ACCUM_FORWARD = True
 
 __all__ = ["Fp8CastLinear", "LinearSettings", "OwnCastLinear"]
 
@@ -63,7 +66,7 @@ class Fp8CastLinear(torch.autograd.Function):
         gain = effective_gain(h.gain, s.gain_offset) if h.gain is not None else None
         w_data, w_scale = fp8_quantize(weight.float() * gain if gain is not None else weight, E4M3)
         x_scale = h.tensor_scale * h.alpha if h.alpha != 1.0 else h.tensor_scale
-        y = _add_bias(fp8_mm(data, w_data, x_scale, w_scale, h.dtype), bias)
+        y = _add_bias(fp8_mm(data, w_data, x_scale, w_scale, h.dtype, fast_accum=FAST_ACCUM_FORWARD), bias)
         ctx.save_for_backward(data, x_scale, h.x, h.rho, gain, weight)
         ctx.grad_cast, ctx.input_dtype, ctx.alpha = s.grad_cast, h.dtype, h.alpha
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -85,12 +88,12 @@ class Fp8CastLinear(torch.autograd.Function):
                 if ctx.alpha != 1.0:
                     grad_w = grad_w * ctx.alpha
         else:
-            g_data, g_scale = fp8_quantize(grad, E5M2)
+            g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, E5M2)
             if ctx.needs_input_grad[0]:
                 w_data, w_scale = fp8_quantize(weight, E4M3)
                 grad_h = fp8_mm(g_data, _transposed(w_data), g_scale, w_scale, ctx.input_dtype)
             if ctx.needs_input_grad[1]:  # (x_scale carries alpha)
-                grad_w = fp8_mm(_transposed(g_data), _transposed(data), g_scale, x_scale, weight.dtype)
+                grad_w = fp8_mm(g_data_t, _transposed(data), g_scale, x_scale, weight.dtype)
         if grad_h is not None:
             grad_h = grad_h.reshape(*x.shape[:-1], hidden)
         if grad_w is not None:
@@ -114,13 +117,13 @@ class OwnCastLinear(torch.autograd.Function):
                           quantize_matrix(weight, spec, scale_mode=settings.scale_mode), x.dtype)
             ctx.save_for_backward(x2d, weight)
         else:
-            x_data, x_scale = fp8_quantize(x2d, E4M3)
-            w_data, w_scale = fp8_quantize(weight, E4M3)
-            y = fp8_mm(x_data, w_data, x_scale, w_scale, x.dtype)
+            x_data, x_data_t, x_scale = fp8_quantize_with_transpose(x2d, E4M3)
+            w_data, w_data_t, w_scale = fp8_quantize_with_transpose(weight, E4M3)
+            y = fp8_mm(x_data, w_data, x_scale, w_scale, x.dtype, fast_accum=FAST_ACCUM_FORWARD)
             if settings.grad_cast == "hp":
                 ctx.save_for_backward(x2d, weight)
-            else:  # the backward reuses the forward's casts
-                ctx.save_for_backward(x_data, x_scale, w_data, w_scale)
+            else:  # the backward reuses the forward's casts, in the layouts its GEMMs read
+                ctx.save_for_backward(x_data_t, x_scale, w_data_t, w_scale)
         ctx.settings, ctx.input_shape, ctx.input_dtype = settings, x.shape, x.dtype
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype if bias is not None else None
         return _add_bias(y, bias).reshape(*x.shape[:-1], out_features)
@@ -132,12 +135,12 @@ class OwnCastLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         fp8_backward = not get_format(s.fmt).block_scaled and s.grad_cast != "hp"
         if fp8_backward:
-            x_data, x_scale, w_data, w_scale = ctx.saved_tensors
-            g_data, g_scale = fp8_quantize(grad, E5M2)
+            x_data_t, x_scale, w_data_t, w_scale = ctx.saved_tensors
+            g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, E5M2)
             if ctx.needs_input_grad[0]:
-                grad_x = fp8_mm(g_data, _transposed(w_data), g_scale, w_scale, ctx.input_dtype)
+                grad_x = fp8_mm(g_data, w_data_t, g_scale, w_scale, ctx.input_dtype)
             if ctx.needs_input_grad[1]:
-                grad_w = fp8_mm(_transposed(g_data), _transposed(x_data), g_scale, x_scale, ctx.weight_dtype)
+                grad_w = fp8_mm(g_data_t, x_data_t, g_scale, x_scale, ctx.weight_dtype)
         else:
             x2d, weight = ctx.saved_tensors
             grad_f = grad.float()

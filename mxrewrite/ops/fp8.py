@@ -55,8 +55,11 @@ def _check_scales(scale_a: torch.Tensor, scale_b: torch.Tensor) -> None:
 
 @torch.library.custom_op("mxrewrite::fp8_mm", mutates_args=())
 def fp8_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-           out_dtype: torch.dtype) -> torch.Tensor:
-    """``(a * scale_a) @ (b * scale_b).T`` in ``out_dtype``; see the module docstring."""
+           out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """``(a * scale_a) @ (b * scale_b).T`` in ``out_dtype``; see the module docstring.
+
+    ``fast_accum`` lets Hopper's tensor cores accumulate without the periodic promotion to float32 (faster,
+    slightly less precise; torchao's float8 training uses it for the forward GEMM only, as we do)."""
     _check(a, b)
     _check_scales(scale_a, scale_b)
     (m, k), n = a.shape, b.shape[0]
@@ -66,16 +69,16 @@ def fp8_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: tor
     pad_m, pad_n, pad_k = (-m) % _ALIGN, (-n) % _ALIGN, (-k) % _ALIGN
     a = _pad(a.contiguous(), pad_m, pad_k)
     b = _pad(b.contiguous(), pad_n, pad_k)
-    out = torch._scaled_mm(a, b.t(), scale_a.float(), scale_b.float(), out_dtype=out_dtype)
+    out = torch._scaled_mm(a, b.t(), scale_a.float(), scale_b.float(), out_dtype=out_dtype, use_fast_accum=fast_accum)
     return out[:m, :n] if pad_m or pad_n else out
 
 
 @fp8_mm.register_fake
-def _(a, b, scale_a, scale_b, out_dtype):
+def _(a, b, scale_a, scale_b, out_dtype, fast_accum=False):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
 def fp8_matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+               out_dtype: torch.dtype = torch.bfloat16, fast_accum: bool = False) -> torch.Tensor:
     """``torch._scaled_mm``'s contract (``b`` of shape ``(K, N)``, column-major) through ``mxrewrite::fp8_mm``."""
-    return fp8_mm(a, b.t(), scale_a, scale_b, out_dtype)
+    return fp8_mm(a, b.t(), scale_a, scale_b, out_dtype, fast_accum)

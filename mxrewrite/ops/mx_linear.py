@@ -65,6 +65,9 @@ def mx_linear(
 ) -> torch.Tensor:
     """``alpha * (cast activation @ cast(W * gain)^T) + bias``, shape ``x.shape[:-1] + (N,)``."""
     spec = get_format(fmt)
+    if not spec.block_scaled:
+        raise ConfigError(f"mx_linear multiplies block-scaled (MX) casts; {fmt!r} is scaled per tensor: its linears "
+                          "are mxrewrite.modules.functions.Fp8CastLinear")
     if grad_cast not in GRAD_CASTS:
         raise ConfigError(f"unknown grad_cast {grad_cast!r}; use one of {GRAD_CASTS}")
     if weight.shape[-1] != x.shape[-1]:

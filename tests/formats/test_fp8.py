@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mxrewrite.errors import UnsupportedDtypeError
-from mxrewrite.formats.fp8 import fp8_dequantize, fp8_quantize, static_scale
+from mxrewrite.formats.fp8 import fp8_dequantize, fp8_quantize, fp8_quantize_with_transpose, static_scale
 from mxrewrite.ops.fp8 import fp8_matmul, fp8_mm
 from mxrewrite.ops.reference import fp8_activation_scale, norm_cast_reference
 from tests.helpers import wide_range
@@ -122,3 +122,11 @@ def test_fp8_mm_op_registration():
     a, b, sa, sb = operands(16, 32, 64)
     torch.library.opcheck(torch.ops.mxrewrite.fp8_mm.default, (a, b, sa, sb, torch.float32),
                           test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
+
+
+def test_cast_with_transpose_gives_both_layouts_of_one_cast():
+    t = wide_range((24, 40), torch.bfloat16, seed=2)
+    data, data_t, scale = fp8_quantize_with_transpose(t, E5M2)
+    ref_data, ref_scale = fp8_quantize(t, E5M2)
+    assert torch.equal(data.view(torch.uint8), ref_data.view(torch.uint8)) and torch.equal(scale, ref_scale)
+    assert data_t.is_contiguous() and torch.equal(data_t.view(torch.uint8), ref_data.t().view(torch.uint8))

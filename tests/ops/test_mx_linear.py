@@ -341,8 +341,10 @@ def test_errors():
         run_forward(x, w, gamma, b, grad_cast="fp16")
     with pytest.raises(ValueError, match="does not take inputs of size 64"):
         run_forward(x, torch.randn(32, 96), gamma, b)
+    data, scales, rho, ts = norm_cast(x, None, "mxfp8", "mxnorm", 2, "rceil", EPS, 0.4, 0.0, True)
     with pytest.raises(ConfigError, match="unknown format"):
-        data, scales, rho, ts = norm_cast(x, None, "mxfp8", "mxnorm", 2, "rceil", EPS, 0.4, 0.0, True)
+        mx_linear(x, rho, data, scales, ts, w, gamma, b, "fp16", "rceil", 0.0, False, 1.0, torch.float32, "hp")
+    with pytest.raises(ConfigError, match="scaled per tensor"):
         mx_linear(x, rho, data, scales, ts, w, gamma, b, "fp8", "rceil", 0.0, False, 1.0, torch.float32, "hp")
 
 
