@@ -1,10 +1,15 @@
 """Matrix products of block-scaled operands: ``A @ B.T`` with both blocked along the shared dim K.
 
+The operand type and its casts live in :mod:`mxrewrite.ops.block_matrix` and are
+re-exported here, where the rest of the package imports them from.
+
 Backends, chosen automatically from the device (override with the environment
 variable ``MXREWRITE_MATMUL=emulated|triton|scaled_mm``):
 
 * ``scaled_mm`` - sm_100+ (Blackwell): ``torch._scaled_mm`` on the raw MX/NVFP4
-  operands with swizzled scales, the hardware's native block-scaled GEMM.
+  operands with swizzled scales, the hardware's native block-scaled GEMM (arguments
+  from :mod:`mxrewrite.ops.scaled_mm_args`). Pairs it does not take natively - mixed
+  MX element types, ``K`` bytes or ``N`` not multiples of 16 - are emulated.
 * ``triton`` - other CUDA GPUs (Hopper has no MX units): a Triton GEMM that
   dequantises the MX tiles in its prologue, so no dequantised copy of either
   operand is written to memory (:mod:`mxrewrite.ops.kernels.mx_gemm`). Needs
@@ -18,65 +23,18 @@ variable ``MXREWRITE_MATMUL=emulated|triton|scaled_mm``):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
 from mxrewrite.errors import ConfigError
-from mxrewrite.formats import FormatSpec, get_format, mx_quantize, nvfp4_quantize
-from mxrewrite.formats.e2m1 import e2m1_decode, unpack_nibbles
-from mxrewrite.formats.e8m0 import e8m0_to_float32
+from mxrewrite.formats import get_format
+from mxrewrite.ops.block_matrix import BlockScaledMatrix, dequantize_matrix, quantize_matrix
+from mxrewrite.ops.scaled_mm_args import scaled_mm_args, scaled_mm_shape_ok
 
 BACKENDS = ("emulated", "triton", "scaled_mm")
 
-
-@dataclass(frozen=True)
-class BlockScaledMatrix:
-    """A 2-D operand blocked along its last dim. ``data``/``scales`` are raw uint8 bytes."""
-
-    data: torch.Tensor
-    scales: torch.Tensor
-    tensor_scale: torch.Tensor
-    spec: FormatSpec
-    elem_dtype: torch.dtype  # float8_e4m3fn / float8_e5m2 for MX, float4_e2m1fn_x2 for NVFP4
-
-    @property
-    def rows(self) -> int:
-        return self.data.shape[0]
-
-
-def quantize_matrix(t: torch.Tensor, fmt: str | FormatSpec, *, scale_mode: str = "rceil",
-                    elem_dtype: torch.dtype | None = None) -> BlockScaledMatrix:
-    """Cast a 2-D tensor along its last dim (NVFP4 takes a per-tensor scale from ``amax(t)``).
-
-    Data and scales come back contiguous whatever ``t``'s strides (a transposed ``t`` is
-    how the backward GEMMs get operands blocked along their reduction dim)."""
-    spec = get_format(fmt)
-    t = t.contiguous()
-    if spec.tensor_scale:
-        data, scales, tscale = nvfp4_quantize(t)
-        elem_dtype = spec.elem_dtype
-    else:
-        elem_dtype = elem_dtype or spec.elem_dtype
-        data, scales = mx_quantize(t, elem_dtype=elem_dtype, block_size=spec.block_size, scale_mode=scale_mode)
-        tscale = torch.ones((), dtype=torch.float32, device=t.device)
-    return BlockScaledMatrix(data.view(torch.uint8), scales.view(torch.uint8), tscale, spec, elem_dtype)
-
-
-def dequantize_matrix(m: BlockScaledMatrix, dtype: torch.dtype, *, with_tensor_scale: bool = True) -> torch.Tensor:
-    """Exact values of ``m`` in ``dtype`` (the per-tensor scale optionally left out)."""
-    block = m.spec.block_size
-    if m.spec.tensor_scale:
-        values = e2m1_decode(unpack_nibbles(m.data))
-        scale = m.scales.view(torch.float8_e4m3fn).float()
-    else:
-        values = m.data.view(m.elem_dtype).float()
-        scale = e8m0_to_float32(m.scales)
-    rows, cols = values.shape
-    out = (values.reshape(rows, cols // block, block) * scale.unsqueeze(-1)).reshape(rows, cols)
-    if with_tensor_scale and m.spec.tensor_scale:
-        out = out * m.tensor_scale
-    return out.to(dtype)
+__all__ = ["BACKENDS", "BlockScaledMatrix", "block_scaled_mm", "default_backend", "dequantize_matrix",
+           "mx_matmul", "quantize_matrix"]
 
 
 def default_backend(device: torch.device) -> str:
@@ -101,21 +59,18 @@ def _emulated_mm(a: BlockScaledMatrix, b: BlockScaledMatrix) -> torch.Tensor:
 
 
 def _scaled_mm(a: BlockScaledMatrix, b: BlockScaledMatrix) -> torch.Tensor:
-    from torchao.prototype.mx_formats.utils import to_blocked
-
-    if a.spec.tensor_scale:
-        out = torch._scaled_mm(
-            a.data.view(torch.float4_e2m1fn_x2), b.data.view(torch.float4_e2m1fn_x2).t(),
-            to_blocked(a.scales).view(torch.float8_e4m3fn), to_blocked(b.scales).view(torch.float8_e4m3fn),
-            out_dtype=torch.bfloat16,
-        )
-    else:
-        out = torch._scaled_mm(
-            a.data.view(a.elem_dtype), b.data.view(b.elem_dtype).t(),
-            to_blocked(a.scales).view(torch.float8_e8m0fnu), to_blocked(b.scales).view(torch.float8_e8m0fnu),
-            out_dtype=torch.bfloat16,
-        )
+    mat_a, mat_b, scale_a, scale_b, kwargs = scaled_mm_args(a, b)
+    out = torch._scaled_mm(mat_a, mat_b, scale_a, scale_b, **kwargs)
     return out.float() * (a.tensor_scale * b.tensor_scale)
+
+
+def _native(a: BlockScaledMatrix, b: BlockScaledMatrix) -> bool:
+    """Whether the ``scaled_mm`` backend multiplies this pair itself (else it is emulated).
+
+    Equal element types other than e5m2 x e5m2 (which cuBLASLt refuses): torch's argument
+    checks also take the backward's e5m2 x e4m3 pair (``tests/ops/test_blackwell.py``),
+    but no sm_100 run has shown cuBLASLt multiplying it yet."""
+    return a.elem_dtype == b.elem_dtype != torch.float8_e5m2 and scaled_mm_shape_ok(a, b)
 
 
 def block_scaled_mm(a: BlockScaledMatrix, b: BlockScaledMatrix, backend: str | None = None,
@@ -123,7 +78,7 @@ def block_scaled_mm(a: BlockScaledMatrix, b: BlockScaledMatrix, backend: str | N
     """``A @ B.T`` in ``out_dtype`` (accumulated in float32) for ``A`` of shape ``(M, K)`` and ``B`` of
     shape ``(N, K)``."""
     backend = backend or default_backend(a.data.device)
-    if backend == "scaled_mm" and a.elem_dtype == b.elem_dtype:
+    if backend == "scaled_mm" and _native(a, b):
         out = _scaled_mm(a, b)
     elif backend == "triton":
         from mxrewrite.ops.kernels.mx_gemm import triton_block_scaled_mm

@@ -14,6 +14,7 @@ from mxrewrite.ops.matmul import (
     block_scaled_mm,
     default_backend,
     dequantize_matrix,
+    mx_matmul,
     quantize_matrix,
 )
 from tests.helpers import mx_values64, nvfp4_values64
@@ -97,6 +98,26 @@ def test_mixed_element_types_fall_back_to_emulation():
     qa = quantize_matrix(a, "mxfp8", elem_dtype=torch.float8_e5m2)
     qb = quantize_matrix(b, "mxfp8")
     assert torch.equal(block_scaled_mm(qa, qb, backend="scaled_mm"), block_scaled_mm(qa, qb, backend="emulated"))
+
+
+@pytest.mark.parametrize("fmt,a_elem", [("mxfp8", torch.float8_e5m2), ("mxfp8", torch.float8_e4m3fn), ("nvfp4", None)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_scaled_mm_op_against_float64_and_opcheck(fmt, a_elem, out_dtype):
+    """``mxrewrite::block_scaled_mm`` (what ``mx_matmul`` calls) computes the exact product of the
+    operands' values (float64 here) up to float32 accumulation and one rounding to ``out_dtype``;
+    opcheck covers its schema and fake implementation, not its numbers."""
+    a, b = operands(40, 24, 128, seed=3)
+    qa, qb = quantize_matrix(a, fmt, elem_dtype=a_elem), quantize_matrix(b, fmt)
+    args = (qa.data, qa.scales, qa.tensor_scale, qa.elem_dtype, qb.data, qb.scales, qb.tensor_scale, qb.elem_dtype,
+            fmt, out_dtype)
+    torch.library.opcheck(torch.ops.mxrewrite.block_scaled_mm.default, args)
+    out = mx_matmul(qa, qb, out_dtype)
+    assert out.shape == (40, 24) and out.dtype == out_dtype
+    a64, b64 = values64(qa), values64(qb)
+    ref = a64 @ b64.T
+    rounding = 2.0**-24 if out_dtype == torch.float32 else 2.0**-8
+    tol = (a64.abs() @ b64.abs().T) * (128 * 2.0**-24 + 2.0**-22) + ref.abs() * rounding
+    assert ref.abs().min() > 0 and ((out.double() - ref).abs() <= tol).all()
 
 
 def test_default_backend(monkeypatch):

@@ -53,12 +53,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mxrewrite.errors import BlockShapeError, ConfigError, LayoutError, UnsupportedDtypeError
-from mxrewrite.ops.matmul import BlockScaledMatrix
+from mxrewrite.errors import ConfigError, UnsupportedDtypeError
+from mxrewrite.ops.block_matrix import ELEM_DTYPES, BlockScaledMatrix, check_operands
 
 # Element codes the kernel understands (constexpr switch inside the kernel).
 _E4M3, _E5M2, _E2M1 = 0, 1, 2
-_ELEM_CODES = {torch.float8_e4m3fn: _E4M3, torch.float8_e5m2: _E5M2, torch.float4_e2m1fn_x2: _E2M1}
+# One code per operand element type check_operands admits (e4m3, e5m2, packed e2m1), in its order.
+_ELEM_CODES = dict(zip(ELEM_DTYPES, (_E4M3, _E5M2, _E2M1), strict=True))
 _DOT_SCALED_FORMATS = {_E4M3: "e4m3", _E5M2: "e5m2"}
 
 # NVFP4 tiles enter the GEMM as value * 2**-8 (one multiply per element, see _load_dequantized);
@@ -442,37 +443,6 @@ _AUTOTUNED = {
 }
 
 
-def _check_operands(a: BlockScaledMatrix, b: BlockScaledMatrix) -> tuple[int, int, int]:
-    """Validate the pair and return ``(M, N, K)`` in elements."""
-    if a.spec.block_size != b.spec.block_size or a.spec.tensor_scale != b.spec.tensor_scale:
-        raise ConfigError(
-            f"cannot multiply a {a.spec.name} operand by a {b.spec.name} operand: cast both to one format")
-    for name, m in (("A", a), ("B", b)):
-        if m.elem_dtype not in _ELEM_CODES or (m.elem_dtype == torch.float4_e2m1fn_x2) != m.spec.tensor_scale:
-            raise UnsupportedDtypeError.for_dtype(m.elem_dtype, tuple(_ELEM_CODES),
-                                                  f"{m.spec.name} element type of {name}")
-        if m.data.dtype != torch.uint8 or m.scales.dtype != torch.uint8:
-            raise UnsupportedDtypeError.for_dtype(m.data.dtype, (torch.uint8,),
-                                                  f"raw bytes of {name} (data and scales)")
-        if m.data.dim() != 2 or m.scales.dim() != 2:
-            raise LayoutError(f"{name} must be 2-D data and scales, "
-                              f"got {tuple(m.data.shape)} and {tuple(m.scales.shape)}")
-        if m.data.stride(1) != 1 or m.scales.stride(1) != 1:
-            raise LayoutError(f"{name} data and scales must be contiguous along K (blocks run along the last dim); "
-                              "call .contiguous() on them")
-        k = m.data.shape[1] * m.spec.elems_per_byte
-        if k % m.spec.block_size or m.scales.shape != (m.data.shape[0], k // m.spec.block_size):
-            raise BlockShapeError(
-                f"{name}: scales of shape {tuple(m.scales.shape)} do not match data of shape {tuple(m.data.shape)} "
-                f"({m.spec.name} has one scale per {m.spec.block_size} elements along K)")
-    if a.data.shape[1] != b.data.shape[1]:
-        raise BlockShapeError(f"A is {tuple(a.data.shape)} and B is {tuple(b.data.shape)} in bytes: "
-                              "they must share the reduction dim K")
-    if a.data.device != b.data.device:
-        raise LayoutError(f"A is on {a.data.device} and B on {b.data.device}: move both to one device")
-    return a.rows, b.rows, a.data.shape[1] * a.spec.elems_per_byte
-
-
 def triton_block_scaled_mm(a: BlockScaledMatrix, b: BlockScaledMatrix, *, method: str | None = None,
                            config: TileConfig | None = None,
                            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -486,7 +456,7 @@ def triton_block_scaled_mm(a: BlockScaledMatrix, b: BlockScaledMatrix, *, method
     ``None`` picks by size (:func:`auto_method`). ``config`` fixes the tiles instead
     of autotuning; CPU tensors (Triton's interpreter) default to :data:`INTERPRETER_CONFIG`.
     """
-    M, N, K = _check_operands(a, b)
+    M, N, K = check_operands(a, b)
     method = method or (auto_method(M) if a.data.is_cuda else DEFAULT_MX_METHOD)
     if method not in METHODS:
         raise ConfigError(f"unknown MX GEMM method {method!r}; use one of {METHODS}")
@@ -560,7 +530,7 @@ def triton_dequantize(m: BlockScaledMatrix) -> torch.Tensor:
     One read of the bytes, one bfloat16 write (float32 under the interpreter): the
     first half of the ``"materialize"`` method.
     """
-    _check_operands(m, m)
+    check_operands(m, m)
     rows, k = m.rows, m.data.shape[1] * m.spec.elems_per_byte
     out = torch.empty((rows, k), dtype=torch.bfloat16 if m.data.is_cuda else torch.float32, device=m.data.device)
     if rows and k:
