@@ -124,7 +124,9 @@ def nvfp4_values64(packed: torch.Tensor, scales_u8: torch.Tensor, tensor_scale: 
 
 class MXCallCounter:
     """Counts, per replaced module, the calls that really took the fused path: every ``MXRMSNorm`` call, and
-    every ``MXLinear`` call whose input was a ``NormCastTensor`` (a plain input runs ``nn.Linear``)."""
+    every ``MXLinear`` call whose input was a ``NormCastTensor``; a plain input to an ``MXLinear`` is counted
+    in ``own_cast`` when the linear casts it itself (``linears="all"``), else in ``plain_linears`` (it runs
+    ``nn.Linear``)."""
 
     def __init__(self, model: torch.nn.Module):
         from mxrewrite.modules import MXLinear, MXRMSNorm, NormCastTensor
@@ -132,13 +134,17 @@ class MXCallCounter:
         self.norms: dict[str, int] = {}
         self.linears: dict[str, int] = {}
         self.plain_linears: dict[str, int] = {}
+        self.own_cast: dict[str, int] = {}
         self._handles = []
         for name, module in model.named_modules():
             if isinstance(module, MXRMSNorm):
                 self._handles.append(module.register_forward_pre_hook(self._count(self.norms, name)))
             elif isinstance(module, MXLinear):
-                def hook(_, args, name=name):
-                    target = self.linears if isinstance(args[0], NormCastTensor) else self.plain_linears
+                def hook(module, args, name=name):
+                    if isinstance(args[0], NormCastTensor):
+                        target = self.linears
+                    else:
+                        target = self.own_cast if module.own_cast is not None else self.plain_linears
                     target[name] = target.get(name, 0) + 1
                 self._handles.append(module.register_forward_pre_hook(hook))
 

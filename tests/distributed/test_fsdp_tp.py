@@ -66,6 +66,7 @@ class Scenario:
     parallel: str        # "fsdp" | "tp"
     grad_cast: str       # "hp" | "mx"
     split_batch: bool    # data parallel: rank r gets sequence r (FSDP); otherwise the whole batch
+    linears: str = "norm-fed"   # "all": wo and w2 cast their own inputs too (RowwiseParallel under TP)
 
 
 SCENARIOS = {s.name: s for s in (
@@ -80,6 +81,10 @@ SCENARIOS = {s.name: s for s in (
     # could round differently. None does in these models: the results agree to float rounding
     Scenario("fsdp_torchtitan_llama_mx_grads", "torchtitan_llama", "fsdp", "mx", True),
     Scenario("tp_torchtitan_llama_mx_grads", "torchtitan_llama", "tp", "mx", False),
+    # linears="all" in MXFP8: each rank casts its slice of wo's and w2's input dim, whole 32-blocks, so the
+    # casts are the single process's (FP8's per-tensor scales would be per rank: not comparable to rounding)
+    Scenario("fsdp_torchtitan_llama_all_linears", "torchtitan_llama", "fsdp", "hp", True, "all"),
+    Scenario("tp_torchtitan_llama_all_linears", "torchtitan_llama", "tp", "hp", False, "all"),
 )}
 
 TP_PLAN = {"attention.wq": "colwise", "attention.wk": "colwise", "attention.wv": "colwise",
@@ -92,7 +97,8 @@ TP_PLAN = {"attention.wq": "colwise", "attention.wk": "colwise", "attention.wv":
 
 def _build(scenario: Scenario) -> tuple[nn.Module, torch.Tensor]:
     z = zoo.build(scenario.model, dtype=torch.float32, seed=0)
-    opt = mxrewrite.optimize(z.model, (*z.args, z.kwargs), grad_cast=scenario.grad_cast, progress=False)
+    opt = mxrewrite.optimize(z.model, (*z.args, z.kwargs), grad_cast=scenario.grad_cast, linears=scenario.linears,
+                             progress=False)
     opt.train()
     return opt, z.args[0]
 
@@ -121,21 +127,28 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _cast_gemm_calls():
-    """Record the weight shape of every fused MX GEMM (``_CastLinear``) that runs inside the block."""
-    from mxrewrite.modules import linear
+    """Record ``(kind, weight shape)`` of every MX GEMM that runs inside the block: ``"fused"`` for a linear fed
+    by a norm's cast (``_CastLinear``), ``"own"`` for one casting its own input (``OwnCastLinear``)."""
+    from mxrewrite.modules import functions, linear
 
-    calls: list[tuple[int, ...]] = []
-    forward = linear._CastLinear.forward
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    fused, own = linear._CastLinear.forward, functions.OwnCastLinear.forward
 
-    def counting(ctx, h, weight, bias):
-        calls.append(tuple(weight.shape))
-        return forward(ctx, h, weight, bias)
+    def counting_fused(ctx, h, weight, bias):
+        calls.append(("fused", tuple(weight.shape)))
+        return fused(ctx, h, weight, bias)
 
-    linear._CastLinear.forward = staticmethod(counting)
+    def counting_own(ctx, x, weight, bias, settings):
+        calls.append(("own", tuple(weight.shape)))
+        return own(ctx, x, weight, bias, settings)
+
+    linear._CastLinear.forward = staticmethod(counting_fused)
+    functions.OwnCastLinear.forward = staticmethod(counting_own)
     try:
         yield calls
     finally:
-        linear._CastLinear.forward = staticmethod(forward)
+        linear._CastLinear.forward = staticmethod(fused)
+        functions.OwnCastLinear.forward = staticmethod(own)
 
 
 def _step(model: nn.Module, tokens: torch.Tensor, world: int, counter: MXCallCounter) -> dict:
@@ -158,7 +171,7 @@ def _step(model: nn.Module, tokens: torch.Tensor, world: int, counter: MXCallCou
     params = {n: _full(p) for n, p in model.named_parameters()}
     return dict(loss=loss.item(), grads=grads, missing_grads=missing, params0=params0, params=params,
                 norms=dict(counter.norms), linears=dict(counter.linears), plain_linears=dict(counter.plain_linears),
-                gemms=list(gemms))
+                own_cast=dict(counter.own_cast), gemms=list(gemms))
 
 
 # ---------------------------------------------------------------------------
@@ -295,7 +308,7 @@ def runs(tmp_path_factory) -> tuple[Callable[[str], dict], Callable[[str], dict]
     references: dict[tuple[str, str], dict | BaseException] = {}
     try:
         for scenario in SCENARIOS.values():
-            key = (scenario.model, scenario.grad_cast)
+            key = (scenario.model, scenario.grad_cast, scenario.linears)
             if key not in references:
                 try:
                     references[key] = _reference(scenario)
@@ -313,7 +326,8 @@ def runs(tmp_path_factory) -> tuple[Callable[[str], dict], Callable[[str], dict]
         return torch.load(path, weights_only=False)
 
     def reference(name: str) -> dict:
-        ref = references[SCENARIOS[name].model, SCENARIOS[name].grad_cast]
+        s = SCENARIOS[name]
+        ref = references[s.model, s.grad_cast, s.linears]
         if isinstance(ref, BaseException):
             raise ref
         return ref
@@ -358,13 +372,16 @@ def _check_against_reference(got: dict, ref: dict) -> None:
         assert worst <= 0.05 * LR, f"{name} after one AdamW step: off by {worst:.3g} (lr {LR})"
 
 
-def _check_fused(got: dict, ref: dict) -> None:
-    """Every MX module ran once on the fused path, as in the single-process model (10 MX linears, 4 norms)."""
+def _check_fused(got: dict, ref: dict, scenario: Scenario) -> None:
+    """Every MX module ran once on the fused path, as in the single-process model (10 MX linears, 4 norms;
+    with linears="all" also wo and w2 of each layer on their own casts)."""
     assert ref["norms"] and ref["linears"] and not ref["plain_linears"]
     assert got["norms"] == ref["norms"]
     assert got["linears"] == ref["linears"]
     assert got["plain_linears"] == {}
-    assert len(got["gemms"]) == len(ref["gemms"]) == len(ref["linears"])
+    assert got["own_cast"] == ref["own_cast"]
+    assert len(ref["own_cast"]) == (2 * zoo.LAYERS if scenario.linears == "all" else 0)
+    assert len(got["gemms"]) == len(ref["gemms"]) == len(ref["linears"]) + len(ref["own_cast"])
 
 
 # ---------------------------------------------------------------------------
@@ -383,7 +400,7 @@ def test_fsdp2_after_optimize(name, runs):
     assert all(got["placements"][w][0] == ("Shard(0)",) for w in mx_weights)
     # the fused GEMMs multiplied the unsharded (all-gathered) weights
     assert sorted(got["gemms"]) == sorted(ref["gemms"])
-    _check_fused(got, ref)
+    _check_fused(got, ref, SCENARIOS[name])
     _check_against_reference(got, ref)
 
 
@@ -405,7 +422,9 @@ def test_tensor_parallel_after_optimize(name, runs):
         sharded += 1
     assert sharded == len(TP_PLAN) * zoo.LAYERS
     assert "replicated DTensor input" in (got["plain_input_error"] or "")
-    # the fused GEMMs multiplied this rank's rows of the colwise-sharded MX weights
-    assert sorted(got["gemms"]) == sorted((r // WORLD, c) for r, c in ref["gemms"])
-    _check_fused(got, ref)
+    # the fused GEMMs multiplied this rank's rows of the colwise-sharded MX weights, the own-cast ones this
+    # rank's columns of the rowwise-sharded weights
+    local = {"fused": lambda r, c: (r // WORLD, c), "own": lambda r, c: (r, c // WORLD)}
+    assert sorted(got["gemms"]) == sorted((kind, local[kind](*shape)) for kind, shape in ref["gemms"])
+    _check_fused(got, ref, SCENARIOS[name])
     _check_against_reference(got, ref)
