@@ -133,6 +133,8 @@ def _output_metrics(ref, out) -> tuple[TensorMetrics, ...]:
 
 def _dequantize(fmt: str, data: torch.Tensor, scales: torch.Tensor, tscale: torch.Tensor) -> torch.Tensor:
     spec = get_format(fmt)
+    if not spec.block_scaled:  # one scale for the whole tensor
+        return data.reshape(-1, data.shape[-1]).view(spec.elem_dtype).double() * tscale.double()
     m = BlockScaledMatrix(data.reshape(-1, data.shape[-1]), scales.reshape(-1, scales.shape[-1]), tscale, spec,
                           spec.elem_dtype)
     return dequantize_matrix(m, torch.float64)
