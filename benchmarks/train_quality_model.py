@@ -7,6 +7,11 @@ final ``nn.RMSNorm``. Nothing in it knows about mxrewrite: the benchmark passes 
 through ``mxrewrite.optimize`` like any user model. The rewrite sites are each
 block's ``attention_norm`` (feeding wq, wk, wv) and ``ffn_norm`` (feeding w1,
 w3); the final norm feeds only the head and stays exact (``include_head=False``).
+
+``width_config(d_model, n_layers)`` builds the member of this family the width
+sweep uses (head dim 64, half as many KV heads, SwiGLU hidden 8/3 d rounded up to
+a multiple of 256, as the 25M "small" preset has); ``train_flops_per_token``
+counts what one training token costs, for planning the sweep's run times.
 """
 
 from __future__ import annotations
@@ -51,6 +56,46 @@ PRESETS = {
     # The GPU run: about 25M parameters (ffn_dim = 8/3 * dim rounded up to a multiple of 256, as in Llama).
     "small": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1536, max_seq_len=1024),
 }
+
+
+HEAD_DIM = 64
+
+
+def width_config(d_model: int, n_layers: int, max_seq_len: int = 1024) -> ModelConfig:
+    """The family's model of hidden size ``d_model`` and depth ``n_layers``.
+
+    Heads of 64 (one head below 128), grouped-query attention with half as many KV
+    heads, SwiGLU hidden ``8/3 * d_model`` rounded up to a multiple of 256 (Llama's
+    rule): ``width_config(512, 8)`` is the "small" preset, the 25M model of the last study.
+    """
+    n_heads = max(1, d_model // HEAD_DIM)
+    ffn_dim = 256 * math.ceil(8 * d_model / 3 / 256)
+    cfg = ModelConfig(dim=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=max(1, n_heads // 2),
+                      ffn_dim=ffn_dim, max_seq_len=max_seq_len)
+    cfg.check()
+    return cfg
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of ``Decoder(cfg)``, counted from the config (no model is built)."""
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    attention = cfg.dim * cfg.dim * 2 + 2 * cfg.dim * kv_dim  # wq, wo; wk, wv
+    block = attention + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim  # + two norm gains
+    return cfg.n_layers * block + 2 * cfg.vocab_size * cfg.dim + cfg.dim  # + embedding, head, final norm
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """FLOPs of one training token (forward + backward = 3x forward).
+
+    Every matmul weight (the embedding lookup is free) costs 2 FLOPs per token
+    forward; causal attention costs ``2 * seq_len * dim`` per token and layer forward
+    (QK^T and AV over the half of the square a causal kernel computes).
+    """
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    matmul_params = cfg.n_layers * (2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv_dim + 3 * cfg.dim * cfg.ffn_dim)
+    matmul_params += cfg.vocab_size * cfg.dim  # the head
+    attention = cfg.n_layers * 2 * seq_len * cfg.dim
+    return 3 * (2 * matmul_params + attention)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,12 +1,17 @@
-"""Tables and loss-curve plot for the training-quality benchmark, from one or more runs.jsonl files.
+"""Tables and plots for the training-quality benchmark, rebuilt from its jsonl records.
 
+    python benchmarks/train_quality_report.py benchmarks/train_quality_runs     # the width sweep (issue 15)
     python benchmarks/train_quality_report.py out/a/runs.jsonl out/b/runs.jsonl \\
-        --md benchmarks/results_train_quality_tables.md --plot benchmarks/train_quality_loss.png
+        --md benchmarks/results_train_quality_tables.md --plot benchmarks/train_quality_loss.png   # issue 5
 
-Spread over seeds is the sample standard deviation (n - 1); with one seed it is
-shown as "-". A later record with the same run id replaces an earlier one, so a
-re-run can be appended to the same list. Plotting needs matplotlib and is
-skipped with a message when it is missing.
+Arguments are jsonl files or directories of them. Records of the width sweep
+(those with a width tag) make the sweep report (train_quality_sweep_report.py:
+``REPORT.md`` and PNGs next to the first directory given, or at ``--md`` /
+``--png-dir``); records of a one-model run (``--preset``) make issue 5's tables
+and loss-curve plot, below. Spread over seeds is the sample standard deviation
+(n - 1); with one seed it is shown as "-". A later record with the same run id
+replaces an earlier one, so a re-run can be appended to the same list. Plotting
+needs matplotlib and is skipped with a message when it is missing.
 """
 
 from __future__ import annotations
@@ -15,20 +20,38 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-ARM_ORDER = ("mxfp8-rmsnorm", "mxfp8-mxnorm-p2", "mxfp8-mxnorm-p1", "nvfp4-rmsnorm", "nvfp4-mxnorm-p2", "bf16")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_quality_sweep_report import write_sweep_report  # noqa: E402
+
+ARM_ORDER = ("mxfp8-rmsnorm", "mxfp8-mxnorm-p2", "mxfp8-mxnorm-p2-cal", "mxfp8-mxnorm-p2-recal", "mxfp8-mxnorm-p1",
+             "nvfp4-rmsnorm", "nvfp4-mxnorm-p2", "bf16", "fp8-rmsnorm", "fp8-mxnorm")
 BASELINE = "mxfp8-rmsnorm"
 
 
+def jsonl_files(paths: list[str | Path]) -> list[Path]:
+    """The files among ``paths``, a directory standing for its ``*.jsonl``."""
+    files = []
+    for path in map(Path, paths):
+        files += sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    return files
+
+
+def read_all(paths: list[str | Path]) -> list[dict]:
+    """Every record of every file, in order."""
+    return [json.loads(line) for file in jsonl_files(paths) for line in file.read_text().splitlines()
+            if line.strip()]
+
+
 def load_runs(paths: list[str | Path]) -> list[dict]:
+    """One record per run id, the last one read winning."""
     by_id: dict[str, dict] = {}
-    for path in paths:
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                by_id[record["run_id"]] = record
+    for record in read_all(paths):
+        by_id[record["run_id"]] = record
     return list(by_id.values())
 
 
@@ -244,12 +267,25 @@ def write_outputs(runs: list[dict], md_path: str | Path | None = None, plot_path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="tables and plot from train_quality runs.jsonl files")
-    parser.add_argument("results", nargs="+")
-    parser.add_argument("--md", default=None)
-    parser.add_argument("--plot", default=None)
+    parser = argparse.ArgumentParser(description="tables and plots from train_quality jsonl records")
+    parser.add_argument("results", nargs="*", default=None,
+                        help="jsonl files or directories (default: benchmarks/train_quality_runs)")
+    parser.add_argument("--md", default=None, help="markdown output (sweep default: REPORT.md in the directory)")
+    parser.add_argument("--plot", default=None, help="one-model mode: the loss-curve PNG")
+    parser.add_argument("--png-dir", default=None, help="sweep: directory for the PNGs (default: next to --md)")
     args = parser.parse_args(argv)
-    print(write_outputs(load_runs(args.results), args.md, args.plot))
+    paths = args.results or [str(Path(__file__).resolve().parent / "train_quality_runs")]
+    records = read_all(paths)
+    if not records:
+        print(f"no records in {', '.join(map(str, paths))}: nothing to report")
+        return
+    if any(r.get("tag") for r in records):
+        folder = Path(paths[0]) if Path(paths[0]).is_dir() else Path(paths[0]).parent
+        md = Path(args.md) if args.md else folder / "REPORT.md"
+        print(write_sweep_report(records, md_path=md, png_dir=args.png_dir or md.parent))
+        print(f"wrote {md}")
+        return
+    print(write_outputs(load_runs(paths), args.md, args.plot))
 
 
 if __name__ == "__main__":
