@@ -33,16 +33,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import math
 import os
 import platform
-import shlex
-import statistics
 import sys
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +51,14 @@ os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+# the helpers shared with the other bench scripts: this folder is on sys.path when the script is run, not
+# always when it is imported (tests)
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (  # noqa: E402
+    arm_not_run, bench_ms, build_mxrewrite, env_line, environment, select_arms, torchao_float8)
+from bench_common import fp8_api_missing  # noqa: E402, F401 - bench_layer.fp8_api_missing (tests)
 
 
 class Llama3Layer(nn.Module):
@@ -200,56 +204,9 @@ def profile_step(step) -> tuple[dict[str, float], list[tuple[str, float]]]:
 # Arms
 
 
-class NotAvailable(Exception):
-    """The API an arm needs is not there (yet): the arm is reported, not failed."""
-
-
-def fp8_api_missing() -> str | None:
-    """Why ``optimize(format="fp8", linears="all")`` cannot be called, or None when it can."""
-    import dataclasses
-
-    import mxrewrite
-
-    fields = {f.name for f in dataclasses.fields(mxrewrite.RewriteConfig)}
-    if "linears" not in fields:
-        return "mxrewrite.RewriteConfig has no 'linears' field yet"
-    try:
-        mxrewrite.RewriteConfig(format="fp8", linears="all")
-    except Exception as exc:  # noqa: BLE001 - any refusal means the format is not there
-        return f"RewriteConfig(format='fp8', linears='all') refused: {exc}"
-    return None
-
-
-def torchao_missing() -> str | None:
-    try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"torchao.float8 cannot be imported: {exc!r}"
-    return None
-
-
 def build_torchao(recipe: str) -> Callable[[nn.Module, torch.Tensor], nn.Module]:
     def build(layer, x):
-        missing = torchao_missing()
-        if missing:
-            raise NotAvailable(missing)
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-        # converts in place: a copy, same weights
-        return convert_to_float8_training(copy.deepcopy(layer), config=Float8LinearConfig.from_recipe_name(recipe))
-
-    return build
-
-
-def build_mxrewrite(needs_fp8: bool, **kwargs) -> Callable[[nn.Module, torch.Tensor], nn.Module]:
-    def build(layer, x):
-        import mxrewrite
-
-        if needs_fp8:
-            missing = fp8_api_missing()
-            if missing:
-                raise NotAvailable(missing)
-        return mxrewrite.optimize(layer, (x,), progress=False, **kwargs)
+        return torchao_float8(copy.deepcopy(layer), recipe)  # converts in place: a copy, same weights
 
     return build
 
@@ -287,50 +244,8 @@ def converted_linears(module: nn.Module) -> int:
     return sum(1 for m in module.modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear)
 
 
-def bench_ms(fn, warmup_ms: int, rep_ms: int) -> float:
-    """Median ms of ``fn``: triton's do_bench on a GPU, a wall-clock median on CPU (smoke only)."""
-    if torch.cuda.is_available():
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def environment() -> dict:
-    env = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": "python " + shlex.join(sys.argv),
-    }
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-        env["capability"] = "sm_" + "".join(map(str, torch.cuda.get_device_capability()))
-        env["cuda"] = torch.version.cuda
-    else:
-        env["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    for pkg in ("triton", "torchao", "transformers"):
-        try:
-            env[pkg] = __import__(pkg).__version__
-        except Exception:  # noqa: BLE001
-            env[pkg] = "not installed"
-    return env
-
-
-def env_line(env: dict) -> str:
-    dev = env["device"] + (f" ({env['capability']})" if "capability" in env else "")
-    return (f"{dev}, {env['date_utc']} UTC, torch {env['torch']}, triton {env['triton']}, torchao {env['torchao']}, "
-            f"Python {env['python']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +309,7 @@ def main() -> None:
 
     from tabulate import tabulate
 
-    env = environment()
+    env = environment(cpu=platform.processor() or platform.machine())
     print(json.dumps(env), flush=True)
     shape = SMOKE if args.smoke else LLAMA3_8B
     torch.manual_seed(0)
@@ -410,8 +325,7 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    wanted = [w.strip() for w in args.arms.split(",") if w.strip()]
-    chosen = [a for a in arms(args.format) if a.kind == "bf16" or not wanted or any(w in a.name for w in wanted)]
+    chosen = select_arms(arms(args.format), args.arms)
     results, outputs = [], {}
     for arm in chosen:
         print(f"--- {arm.name}", flush=True)
@@ -419,12 +333,8 @@ def main() -> None:
             res, out = run_arm(arm, layer, x, grad, reference, args)
             if arm.kind == "mx" and "rmsnorm" in arm.name:
                 outputs[arm.name] = out
-        except NotAvailable as exc:
-            res = dict(arm=arm.name, kind=arm.kind, status=f"not available: {exc}")
         except Exception as exc:  # noqa: BLE001 - report it and go on with the other arms
-            traceback.print_exc()
-            where = "skipped on CPU" if device == "cpu" else "FAILED"
-            res = dict(arm=arm.name, kind=arm.kind, status=f"{where}: {type(exc).__name__}: {exc}"[:400])
+            res = arm_not_run(arm, exc, device)
         finally:
             layer.zero_grad(set_to_none=True)
             torch._dynamo.reset()

@@ -58,8 +58,15 @@ import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+
+# the helpers shared with the other bench scripts: this folder is on sys.path when the script is run, not
+# always when it is imported (tests)
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import bench_ms  # noqa: E402
 
 M_TOKENS = 16384
 SMALL_M = (16, 256, 2048)
@@ -360,17 +367,7 @@ def _fp8_cast(shape, dtype, std, gen, device):
 
 
 def _median_ms(fn, rep_ms: int) -> float:
-    if torch.cuda.is_available():
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return bench_ms(fn, 25, rep_ms, cpu_runs=5)
 
 
 def fp8_matmul_or_reason():

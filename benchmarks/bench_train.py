@@ -36,23 +36,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
 import json
 import math
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
+
+# the helpers shared with the other bench scripts: this folder is on sys.path when the script is run, not
+# always when it is imported (tests)
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (  # noqa: E402
+    arm_not_run, build_mxrewrite, env_line, environment, select_arms, torchao_float8)
 
 PRESETS = {
     # ~1.10B parameters (0.97B in the decoder layers)
@@ -81,47 +84,9 @@ def build_model(preset: dict, seq: int, device: str, seed: int) -> nn.Module:
 # Arms
 
 
-class NotAvailable(Exception):
-    """The API an arm needs is not there (yet): the arm is reported, not failed."""
-
-
-def fp8_api_missing() -> str | None:
-    """Why ``optimize(format="fp8", linears="all")`` cannot be called, or None when it can."""
-    import dataclasses
-
-    import mxrewrite
-
-    fields = {f.name for f in dataclasses.fields(mxrewrite.RewriteConfig)}
-    if "linears" not in fields:
-        return "mxrewrite.RewriteConfig has no 'linears' field yet"
-    try:
-        mxrewrite.RewriteConfig(format="fp8", linears="all")
-    except Exception as exc:  # noqa: BLE001 - any refusal means the format is not there
-        return f"RewriteConfig(format='fp8', linears='all') refused: {exc}"
-    return None
-
-
 def build_torchao(recipe: str):
     def build(model, example):
-        try:
-            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        except Exception as exc:  # noqa: BLE001
-            raise NotAvailable(f"torchao.float8 cannot be imported: {exc!r}") from exc
-        return convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
-                                          module_filter_fn=lambda mod, fqn: fqn != "lm_head")
-
-    return build
-
-
-def build_mxrewrite(needs_fp8: bool, **kwargs):
-    def build(model, example):
-        import mxrewrite
-
-        if needs_fp8:
-            missing = fp8_api_missing()
-            if missing:
-                raise NotAvailable(missing)
-        return mxrewrite.optimize(model, (example,), progress=False, **kwargs)
+        return torchao_float8(model, recipe, module_filter_fn=lambda mod, fqn: fqn != "lm_head")
 
     return build
 
@@ -162,27 +127,6 @@ def compile_model(model: nn.Module, how: str) -> nn.Module:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def environment() -> dict:
-    env = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": "python " + shlex.join(sys.argv),
-    }
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-        env["capability"] = "sm_" + "".join(map(str, torch.cuda.get_device_capability()))
-        env["cuda"] = torch.version.cuda
-    else:
-        env["device"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-    for pkg in ("triton", "torchao", "transformers"):
-        try:
-            env[pkg] = __import__(pkg).__version__
-        except Exception:  # noqa: BLE001
-            env[pkg] = "not installed"
-    return env
 
 
 def run_arm(arm: Arm, base: nn.Module, ids: torch.Tensor, args, device: str, t0: float) -> dict:
@@ -291,19 +235,14 @@ def main() -> None:
                  warmup=args.warmup, steps=args.steps, lr=args.lr, compile=args.compile, results=results,
                  complete=complete), indent=2))
 
-    wanted = [w.strip() for w in args.arms.split(",") if w.strip()]
-    chosen = [a for a in ARMS if a.kind == "bf16" or not wanted or any(w in a.name for w in wanted)]
+    chosen = select_arms(ARMS, args.arms)
     results = []
     for arm in chosen:
         print(f"--- {arm.name}", flush=True)
         try:
             res = run_arm(arm, base, ids, args, device, t0)
-        except NotAvailable as exc:
-            res = dict(arm=arm.name, kind=arm.kind, status=f"not available: {exc}")
         except Exception as exc:  # noqa: BLE001 - report it and go on with the other arms
-            traceback.print_exc()
-            where = "skipped on CPU" if device == "cpu" else "FAILED"
-            res = dict(arm=arm.name, kind=arm.kind, status=f"{where}: {type(exc).__name__}: {exc}"[:400])
+            res = arm_not_run(arm, exc, device)
         finally:
             torch._dynamo.reset()
             gc.collect()
@@ -332,10 +271,8 @@ def main() -> None:
     save(results, complete=True)
     (Path(args.out) / "bench_train_table.md").write_text(desc + "\n\n" + table + "\n")
 
-    dev = env["device"] + (f" ({env['capability']})" if "capability" in env else "")
     print(f"\n{desc}; total {time.perf_counter() - t0:.0f} s")
-    print(f"{dev}, {env['date_utc']} UTC, torch {env['torch']}, triton {env['triton']}, torchao {env['torchao']}, "
-          f"transformers {env['transformers']}, Python {env['python']}")
+    print(env_line(env, ("triton", "torchao", "transformers")))
     print(f"command: {env['command']}")
     if device == "cpu":
         print("(CPU smoke run: tokens/s are not meaningful)")
