@@ -224,7 +224,7 @@ def warn_if_emulated(fmt: str, device: torch.device | None) -> None:
     warnings.warn(
         f"mxrewrite: format={fmt!r} runs emulated on {name} (no MX tensor cores before Blackwell, sm_100): each MX "
         "GEMM dequantises to bf16 first, so the model gets slower, not faster (H200, Llama-3-8B layer fwd+bwd: "
-        "MXFP8 0.91x bf16). Use format='fp8' (FP8 tensor cores with per-tensor scales, 1.37x bf16 on the same "
+        "MXFP8 0.91x bf16). Use format='fp8' (FP8 tensor cores with per-tensor scales, 1.39x bf16 on the same "
         "layer with linears='all'), or keep the MX format to study its numerics.", stacklevel=3)
 
 

@@ -251,3 +251,21 @@ def test_verify_and_cli_cover_fp8(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["format"] == "fp8" and {row["status"] for row in data["linears"]} >= {"fused cast", "kept"}
     assert main(["verify", spec, "--format", "fp8", "--grads"]) == 0
+
+
+@pytest.mark.parametrize("capability,fmt,warns", [((9, 0), "mxfp8", True), ((9, 0), "nvfp4", True),
+                                                  ((9, 0), "fp8", False), ((10, 0), "mxfp8", False)])
+def test_warns_when_an_mx_format_runs_emulated(monkeypatch, capability, fmt, warns):
+    import warnings
+
+    from mxrewrite.api import warn_if_emulated
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_emulated(fmt, torch.device("cuda"))
+        warn_if_emulated(fmt, torch.device("cpu"))  # never on CPU
+    assert len(caught) == int(warns)
+    if warns:
+        assert "emulated on NVIDIA H200" in str(caught[0].message) and "format='fp8'" in str(caught[0].message)
