@@ -2,6 +2,7 @@
 
     python examples/llama_report.py                 # MXFP8 MXNorm (p=2), CPU or GPU
     python examples/llama_report.py --format nvfp4 --grads --no-compile
+    python examples/llama_report.py --format fp8 --linears all        # on a Hopper GPU
 
 The flow a user follows: ``optimize`` the model, ``torch.compile`` it, train a few
 steps with the transformers loss (``labels=``), print the report and the
@@ -60,7 +61,9 @@ def train(model, input_ids: torch.Tensor, steps: int, compile_model: bool) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", default="mxfp8", choices=["mxfp8", "nvfp4"])
+    parser.add_argument("--format", default="mxfp8", choices=["mxfp8", "nvfp4", "fp8"],
+                        help="fp8 on Hopper GPUs (the MX formats need Blackwell's tensor cores)")
+    parser.add_argument("--linears", default="norm-fed", choices=["norm-fed", "all"])
     parser.add_argument("--norm", default="mxnorm", choices=["mxnorm", "rmsnorm"])
     parser.add_argument("--p", type=int, default=2, choices=[1, 2])
     parser.add_argument("--steps", type=int, default=3, help="training steps")
@@ -76,7 +79,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Llama-3-style model: {n_params / 1e6:.1f}M parameters, input {tuple(input_ids.shape)}, {args.device}")
 
-    optimized = mxrewrite.optimize(model, (input_ids,), format=args.format, norm=args.norm, p=args.p, progress=True)
+    optimized = mxrewrite.optimize(model, (input_ids,), format=args.format, norm=args.norm, p=args.p,
+                                   linears=args.linears, progress=True)
     print(f"optimized: {type(optimized).__name__} (the same class), parameters shared with the original model\n")
     train(optimized, input_ids, args.steps, compile_model=not args.no_compile)
     print()
