@@ -10,7 +10,9 @@ import torch
 from mxrewrite.api import get_report, optimize
 from mxrewrite.config import RewriteConfig
 from mxrewrite.errors import ConfigError, MXRewriteError
-from tests.passes.test_plan import D, FanOut, Head
+from tests.passes.test_plan import D, Head
+from tests.reference_model import GAUSSIAN_C, SiteSpec, reference_model
+from tests.test_reference import check_gradients
 
 
 def rel_err(a, b):
@@ -85,17 +87,33 @@ def test_keyword_inputs_and_dynamic_token_counts(head_model):
     assert rel_err(opt(ids=other), model(ids=other)) < 0.1
 
 
-def test_training_step_updates_every_parameter():
+def test_training_step_matches_the_float64_reference():
+    """Both norms rewritten (include_head=True, random gains): a training step's gradients are those of the
+    float64 straight-through reference (``tests/reference_model.py``, ``test_reference.py``'s tolerances), and
+    SGD over the optimized model's parameters moves the user's parameters by exactly ``-lr * grad``."""
     torch.manual_seed(0)
-    model = FanOut()
-    x = torch.randn(4, 6, D)
-    opt = optimize(model, (x,), include_head=True)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    sgd = torch.optim.SGD(opt.parameters(), lr=0.1)
-    opt(x).pow(2).mean().backward()
-    sgd.step()
-    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
-    assert unchanged == []
+    model, ids = Head(), torch.randint(0, 50, (4, 16))
+    with torch.no_grad():
+        for norm in (model.block_norm, model.final_norm):
+            norm.weight.copy_(1 + 0.3 * torch.randn(D))
+    opt = optimize(model, (ids,), include_head=True, progress=False)
+    spec = SiteSpec("mxfp8", "mxnorm", 2, "rceil", torch.finfo(torch.float32).eps, True, GAUSSIAN_C[(2, 32)], 0.0,
+                    "mx")
+    sites = {s.norm: (tuple(s.consumers), spec) for s in get_report(opt).rewritten}
+    assert sites == {"block_norm": (("up",), spec), "final_norm": (("lm_head",), spec)}
+    ref, ref_params, ties = reference_model(model, sites)
+    targets = torch.randint(0, 50, ids.shape, generator=torch.Generator().manual_seed(1))
+
+    def gradients(module, params):
+        torch.nn.functional.cross_entropy(module(ids).flatten(0, 1), targets.flatten()).backward()
+        return {n: p.grad.detach().double().clone() for n, p in params.items()}
+
+    params = dict(model.named_parameters())
+    check_gradients(gradients(opt, params), gradients(ref, ref_params), ties.count)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    torch.optim.SGD(opt.parameters(), lr=0.1).step()
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), before[n].add(p.grad, alpha=-0.1), rtol=0, atol=0)
 
 
 def test_calibrated_rescale_measures_each_site(head_model):

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
+from mxrewrite.api import optimize
 from mxrewrite.cli import main
+from mxrewrite.verify import verify
 from tests.passes.test_plan import Head
 
 
@@ -29,16 +31,23 @@ def test_report_table_json_markdown(capsys):
     assert capsys.readouterr().out.startswith("## mxrewrite report")
 
 
-def test_verify_exit_code(capsys):
-    assert main(["verify", SPEC, "--grads"]) == 0
-    out = capsys.readouterr().out
-    assert "mxrewrite verify: OK" in out and "Gradients" in out
+def test_verify_prints_what_verify_computes(capsys):
+    """The command prints the result of ``verify`` on the factory's model with the options given, and exits 0
+    because it passed."""
+    assert main(["verify", SPEC, "--grads", "--format", "nvfp4"]) == 0
+    model, inputs = tiny_head()
+    expected = verify(model, optimize(model, inputs, format="nvfp4", progress=False), inputs, grads=True)
+    assert expected.ok and {g.name for g in expected.grads} == {n for n, _ in model.named_parameters()}
+    assert capsys.readouterr().out == f"{expected}\n"
 
 
 def test_bench_prints_both_models(capsys):
     assert main(["bench", SPEC, "--iters", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "original" in out and "optimized" in out and "forward+backward ms" in out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"device: CPU, torch {torch.__version__}, compile=False, median of 2"
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[3:]}
+    assert rows.keys() == {"original", "optimized"}
+    assert all(len(ms) == 2 and min(ms) > 0 for ms in rows.values()), rows
 
 
 @pytest.mark.parametrize("spec,message", [("no_colon", "must look like"), ("tests.test_cli:missing", "no attribute"),

@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from mxrewrite.api import get_report, optimize
+from mxrewrite.config import RewriteConfig
 from tests import zoo
+from tests.reference_model import reference_model
+from tests.test_reference import check_gradients, site_specs
 
 MXNORM_BOUND = 0.2
 RMSNORM_BOUND = 0.1
@@ -95,27 +98,39 @@ def test_exact_sites_negatives_and_output_bound(name):
         assert rel_err(exact(*z.args, **z.kwargs), z.model(*z.args, **z.kwargs)) < RMSNORM_BOUND
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_training_step_updates_every_parameter(name):
+# unit_scaling's linears scale their output and gradients by constants of their own, which the float64
+# reference does not model: test_sites.py::test_unit_scaling_keeps_forward_multipliers_and_backward_scales checks them
+REFERENCE_MODELS = [m for m in MODELS if m.values[0] != "unit_scaling"]
+LR = 1e-2
+
+
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
+def test_training_step_matches_the_float64_reference(name):
+    """A training step of the optimized model (train mode, cross-entropy): every parameter's gradient is the
+    float64 straight-through reference's (``tests/reference_model.py``: the same model with each rewritten
+    site's MXNorm + MXFP8 math written once more; ``test_reference.py``'s tolerances), and SGD over the
+    optimized model's parameters moves the user's parameters by exactly ``-lr * grad``. Measured: the median
+    error over a model's parameters is at most 8e-7; one parameter of qwen2 is 2e-3 off (a flipped near-tie)."""
     z = zoo.build(name)
-    model = z.model.train() if name != "unit_scaling" else z.model
+    model = z.model.train()
     opt = optimize(model, inputs(z), progress=False)
+    sites = {s.norm: tuple(s.consumers) for s in get_report(opt).rewritten}
+    ref, ref_params, ties = reference_model(model, site_specs(z, RewriteConfig(), sites))
     targets = torch.randint(0, zoo.VOCAB, z.args[0].shape, generator=torch.Generator().manual_seed(1))
 
-    def loss_of(module):
+    def gradients(module, params):
         out = logits(module(*z.args, **z.kwargs))
-        return F.cross_entropy(out.float().flatten(0, -2), targets.flatten())
+        F.cross_entropy(out.flatten(0, -2), targets.flatten()).backward()
+        return {n: p.grad.detach().double().clone() for n, p in params.items() if p.grad is not None}
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    ref_grads = torch.autograd.grad(loss_of(model), params, allow_unused=True)
-    trained = [p for p, g in zip(params, ref_grads) if g is not None and g.abs().sum() > 0]
-    before = [p.detach().clone() for p in trained]
-    sgd = torch.optim.SGD(opt.parameters(), lr=1e-2)
-    loss_of(opt).backward()
-    sgd.step()
-    unchanged = [n for n, p in model.named_parameters()
-                 if any(p is t for t in trained) and torch.equal(p, before[[id(t) for t in trained].index(id(p))])]
-    assert unchanged == []
+    params = dict(model.named_parameters())
+    grads = gradients(opt, params)
+    check_gradients(grads, gradients(ref, ref_params), ties.count)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    torch.optim.SGD(opt.parameters(), lr=LR).step()
+    for n, p in params.items():
+        expected = before[n] if p.grad is None else before[n].add(p.grad, alpha=-LR)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -35,11 +35,11 @@ mantissa bits, e2m1 one).
   BLAS or CPU, whose float32 sums round differently.)
 * "Does not match": at least ``MISMATCH = 1e-3`` (100x ``FWD_TOL``); measured
   differences of the wrong reference: 2e-2 (scale_mode) .. 3e-1, and a median
-  gradient error of 6e-2 for grad_cast. Semantic mutants (checked by hand when
-  this file was written, by monkeypatching in a scratch process): the B = 16
-  constant for MXFP8 (logits off 1e-1), scale_mode / grad_cast ignored (2e-2 /
-  gradients 6e-2), calibration with block 16 (9e-2), gain not folded (3e-1),
-  Gemma's +1 dropped (1e-1): all fail here.
+  gradient error of 6e-2 for grad_cast. Semantic mutants (measured by hand when
+  this file was written): the B = 16 constant for MXFP8 (logits off 1e-1),
+  scale_mode / grad_cast ignored (2e-2 / gradients 6e-2), calibration with
+  block 16 (9e-2), gain not folded (3e-1), Gemma's +1 dropped (1e-1): all fail
+  here; ``scripts/mutants.py`` applies these and more and checks they still do.
 
 The file also checks the reference's element rounding against torch's own
 float8 casts (not the library), and the calibrated constants against an

@@ -3,7 +3,7 @@
 MXNORM.md's theorem: for i.i.d. rows from a scale family, M_p / RMS -> 1 / c'
 as the number of blocks K grows, so r / RMS(x) -> 1 for Gaussian rows. Rows
 from other distributions converge to a different constant (the paper's stated
-limitation); ``test_heavy_tail_bias_report`` prints it without asserting.
+limitation); ``test_heavy_tails_bias_the_estimate_upwards`` checks which way and by how much.
 """
 
 from __future__ import annotations
@@ -56,9 +56,12 @@ def test_scale_invariance(fmt, block):
         assert torch.equal(rho_scaled, rho * 2.0**20)
 
 
-def test_heavy_tail_bias_report():
-    """Prints mean(r / RMS) for Laplace and Student-t rows (D = 4096); heavier tails give larger
-    block maxima, so the Gaussian constant over-estimates the RMS. Reported, not asserted."""
+def test_heavy_tails_bias_the_estimate_upwards():
+    """mean(r / RMS) for Gaussian, Laplace and Student-t rows (D = 4096, printed with ``-s``): Gaussian rows
+    are estimated within 1%; heavier tails give larger block maxima, so the Gaussian constant over-reads the
+    RMS - by more than 10% for each of the others, more for Student-t df=3 than df=5, more for p = 2 than
+    p = 1 (it weights the large maxima more) and more for blocks of 32 than of 16 (measured: 1.11 .. 1.55;
+    the standard error of each mean is below 0.012)."""
     g = torch.Generator().manual_seed(0)
     rows, hidden = 64, 4096
     normal = torch.randn(rows, hidden, generator=g)
@@ -72,11 +75,23 @@ def test_heavy_tail_bias_report():
         for df in (3, 5):
             samples[f"student-t df={df}"] = torch.distributions.StudentT(float(df)).sample((rows, hidden))
 
+    means = {}
     print(f"\nMXNorm r / RMS(x), D = {hidden}, {rows} rows (Gaussian constants c'(p, B)):")
     print(f"{'distribution':<18} {'format':<6} {'p':>2} {'mean':>8} {'std':>8}")
     for name, x in samples.items():
         for fmt, block in FORMATS:
             for p in (1, 2):
                 ratio = estimate_ratio(x, p, block)
-                assert torch.isfinite(ratio).all()
+                means[name, fmt, p] = ratio.mean().item()
                 print(f"{name:<18} {fmt:<6} {p:>2} {ratio.mean().item():>8.4f} {ratio.std().item():>8.4f}")
+    heavy = [n for n in samples if n != "gaussian"]
+    for fmt, _ in FORMATS:
+        for p in (1, 2):
+            assert abs(means["gaussian", fmt, p] - 1) < 0.01
+            assert all(means[n, fmt, p] > 1.1 for n in heavy)
+            assert means["student-t df=3", fmt, p] > means["student-t df=5", fmt, p]
+    for n in heavy:
+        for fmt, _ in FORMATS:
+            assert means[n, fmt, 2] > means[n, fmt, 1]
+        for p in (1, 2):
+            assert means[n, "mxfp8", p] > means[n, "nvfp4", p]

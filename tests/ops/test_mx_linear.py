@@ -318,13 +318,16 @@ def test_odd_sizes(fmt):
 
 
 def test_backward_bfloat16_parameters():
-    """bfloat16 model: gradients come back in the parameters' dtypes."""
+    """bfloat16 model: gradients come back in the parameters' dtypes, and are those of the float32 run on the
+    same values rounded once to bfloat16 (on CPU the backward computes in float32 either way)."""
     x, w, gamma, b = make_inputs((2, 32), 64, 32, dtype=torch.bfloat16, seed=9)
     grad_out = torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(17)).bfloat16()
     for grad_cast in ("hp", "mx"):
         grads, _ = op_grads(x, w, gamma, b, grad_out, grad_cast=grad_cast, out_dtype=torch.bfloat16)
         assert [t.dtype for t in grads] == [torch.bfloat16] * 4
-        assert all(torch.isfinite(t).all() for t in grads)
+        grads32, _ = op_grads(*(t.float() for t in (x, w, gamma, b, grad_out)), grad_cast=grad_cast)
+        for ours, theirs in zip(grads, grads32):
+            torch.testing.assert_close(ours, theirs.bfloat16(), rtol=0, atol=0)
 
 
 def test_only_requested_gradients():
@@ -357,16 +360,3 @@ def test_opcheck(fmt, grad_cast):
     args = (x.requires_grad_(True), rho, data, scales, ts, w.requires_grad_(True), gamma.requires_grad_(True),
             b.requires_grad_(True), fmt, "rceil", 0.0, False, 0.5, torch.float32, grad_cast)
     torch.library.opcheck(mx_linear.default, args)
-
-
-def test_block_scaled_mm_op_opcheck():
-    from mxrewrite.ops.matmul import block_scaled_mm, mx_matmul, quantize_matrix
-
-    a = quantize_matrix(torch.randn(40, 64), "mxfp8", elem_dtype=torch.float8_e5m2)
-    b = quantize_matrix(torch.randn(24, 64), "mxfp8")
-    args = (a.data, a.scales, a.tensor_scale, a.elem_dtype, b.data, b.scales, b.tensor_scale, b.elem_dtype,
-            "mxfp8", torch.bfloat16)
-    torch.library.opcheck(torch.ops.mxrewrite.block_scaled_mm.default, args)
-    out = mx_matmul(a, b, torch.bfloat16)
-    assert out.shape == (40, 24) and out.dtype == torch.bfloat16
-    assert torch.equal(out, block_scaled_mm(a, b).to(torch.bfloat16))

@@ -4,6 +4,8 @@ float64 formulas and torch's rms_norm, gains, errors, and ``torch.library.opchec
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 import mxrewrite.ops  # noqa: F401  (registers torch.ops.mxrewrite)
 from mxrewrite.errors import BlockShapeError, ConfigError, UnsupportedDtypeError
 from mxrewrite.formats import get_format, mx_quantize, nvfp4_quantize
-from mxrewrite.formats.nvfp4 import NVFP4_SCALE_RANGE
+from mxrewrite.formats.nvfp4 import MIN_TENSOR_SCALE, NVFP4_SCALE_RANGE
 from mxrewrite.ops import gaussian_correction, typed_views
 from mxrewrite.ops.mxnorm_constants import mxnorm_output_bound, rmsnorm_output_bound
 from tests.helpers import assert_same_bits, float32_ulp, wide_range
@@ -188,10 +190,14 @@ def test_eps_outside_the_root():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_zero_rows_and_zero_gain_stay_finite(fmt):
+    """A zero row gives rho = 1 / eps (MXNorm) or 1 / sqrt(eps) (RMSNorm); a zero gain the smallest NVFP4 tensor
+    scale (2**-120, not 0, whose inverse would make every code NaN); both cast to zeros."""
     x = torch.zeros(2, 64)
     for norm in ("mxnorm", "rmsnorm"):
         data, scales, rho, tscale = call(x, torch.zeros(64), fmt=fmt, norm=norm)
-        assert torch.isfinite(rho).all() and torch.isfinite(tscale)
+        expected_rho = 1 / EPS if norm == "mxnorm" else 1 / math.sqrt(EPS)
+        assert rho.tolist() == pytest.approx([expected_rho] * 2, rel=1e-6)
+        assert tscale.item() == (MIN_TENSOR_SCALE if fmt == "nvfp4" else 1.0)
         dq_data, dq_scales = typed_views(fmt, data, scales)
         if fmt == "mxfp8":
             assert (dq_data.float() == 0).all()

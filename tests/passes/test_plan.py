@@ -117,12 +117,13 @@ class Float32Linear(nn.Module):
         super().__init__()
         self.norm = nn.RMSNorm(D)
         self.gate = nn.Linear(D, 8).to(torch.bfloat16)
+        self.score = nn.Linear(D, 4)  # float32 parameters in a bfloat16 model: only the input is upcast
         self.proj = nn.Linear(D, D).to(torch.bfloat16)
 
     def forward(self, x):
         h = self.norm(x)
         scores = F.linear(h.float(), self.gate.weight.float())  # deliberately in fp32
-        return self.proj(h).float().sum(-1) + scores.sum(-1)
+        return self.proj(h).float().sum(-1) + scores.sum(-1) + self.score(h.float()).sum(-1)
 
 
 def test_explicit_float32_linear_is_kept():
@@ -130,7 +131,8 @@ def test_explicit_float32_linear_is_kept():
     model.norm.to(torch.bfloat16)
     site = site_named(plan_of(model, torch.randn(2, 4, D, dtype=torch.bfloat16)), "norm")
     assert [lin.name for lin in site.linears] == ["proj"]
-    assert [k.reason for k in site.kept] == ["computed in float32 on purpose (explicit upcast before it)"]
+    assert sorted((k.name, k.reason) for k in site.kept) == [
+        (name, "computed in float32 on purpose (explicit upcast before it)") for name in ("gate", "score")]
 
 
 class OnlyResidual(nn.Module):

@@ -89,28 +89,40 @@ def test_row_preserving_views_keep_the_cast():
         assert rel_err(o, r) < 0.1
 
 
-def test_constant_multipliers_survive_exactly():
-    """A scalar on the path (h * 0.25) rides along as the cast's alpha: the rewritten model computes exactly
-    0.25 times the rewrite of the same model without it."""
+@pytest.mark.parametrize("op", ["mul", "div"])
+def test_constant_multipliers_survive_exactly(op):
+    """A scalar on the path (h * 0.25 or h / 4) rides along as the cast's alpha: the rewritten model computes
+    exactly 0.25 times the rewrite of the same model without it, in its MX linear, in a consumer that reads
+    the exact norm, and in every gradient (a power of two commutes with rounding)."""
 
     class Scaled(nn.Module):
-        def __init__(self, path_scale: float):
+        def __init__(self, op: str | None):
             super().__init__()
             self.norm, self.proj = nn.RMSNorm(D), nn.Linear(D, 32, bias=False)
-            self.path_scale = path_scale
+            self.op = op
 
         def forward(self, x):
-            return self.proj(self.norm(x) * self.path_scale)
+            h = self.norm(x)
+            h = h * 0.25 if self.op == "mul" else h / 4 if self.op == "div" else h
+            return self.proj(h) + h.sum(-1, keepdim=True)  # an MX linear and a consumer of the exact value
 
     torch.manual_seed(0)
-    plain, scaled = Scaled(1.0), Scaled(0.25)
+    plain, scaled = Scaled(None), Scaled(op)
+    with torch.no_grad():
+        plain.norm.weight.copy_(1 + 0.3 * torch.randn(D))
     scaled.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 5, D)
+    x = torch.randn(2, 5, D, requires_grad=True)
     opt_plain = optimize(plain, (x,), include_head=True, progress=False)
     opt_scaled = optimize(scaled, (x,), include_head=True, progress=False)
     counter = MXCallCounter(opt_scaled)
-    torch.testing.assert_close(opt_scaled(x), opt_plain(x) * 0.25, rtol=0, atol=0)
+    out_plain, out_scaled = opt_plain(x), opt_scaled(x)
+    torch.testing.assert_close(out_scaled, out_plain * 0.25, rtol=0, atol=0)
     assert counter.linears == {"proj": 1}
+    g = torch.randn(out_plain.shape, generator=torch.Generator().manual_seed(1))
+    grads_plain = torch.autograd.grad(out_plain, [x, *plain.parameters()], g)
+    grads_scaled = torch.autograd.grad(out_scaled, [x, *scaled.parameters()], g)
+    for ours, theirs in zip(grads_scaled, grads_plain):
+        torch.testing.assert_close(ours, theirs * 0.25, rtol=0, atol=0)
 
 
 def test_a_linear_called_with_other_inputs_stays_nn_linear_for_them():

@@ -131,26 +131,33 @@ def test_forced_backend(monkeypatch):
 
 
 def test_mx_linear_forward_runs_the_chosen_gemm(monkeypatch):
-    """``mx_linear`` goes through ``block_scaled_mm``: with the triton backend chosen, the Triton GEMM runs."""
+    """``mx_linear`` goes through ``block_scaled_mm``: with the triton backend chosen, the Triton GEMM runs once,
+    on the activation cast it was given and the weight's MXFP8 cast (checked against the independent float64
+    cast of ``tests/reference_model.py``), and what it returns is the layer's output."""
     import mxrewrite.ops.mx_linear  # noqa: F401  (registers the op)
+    from tests.reference_model import mx_fake_quant
 
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    q = quantize_matrix(x.reshape(-1, 64), "mxfp8")
+    product = (mx_fake_quant(x.reshape(-1, 64), "rceil") @ mx_fake_quant(w, "rceil").t()).float()
     calls = []
 
     def spy(a, b, out_dtype):
-        calls.append((a.elem_dtype, b.elem_dtype, a.rows, b.rows))
-        return matmul._emulated_mm(a, b)
+        calls.append((a, b, out_dtype))
+        return product.clone()
 
     monkeypatch.setitem(sys.modules, "mxrewrite.ops.kernels.mx_gemm", types.SimpleNamespace(triton_block_scaled_mm=spy))
     monkeypatch.setenv("MXREWRITE_MATMUL", "triton")
-    x = torch.randn(3, 5, 64)
-    rho = torch.ones(3, 5)
-    w = torch.randn(48, 64)
-    q = quantize_matrix(x.reshape(-1, 64), "mxfp8")
-    y = torch.ops.mxrewrite.mx_linear(x, rho, q.data.reshape(3, 5, 64), q.scales.reshape(3, 5, 2), q.tensor_scale,
-                                      w, None, None, "mxfp8", "rceil", 0.0, False, 1.0, torch.float32, "mx")
-    assert calls == [(torch.float8_e4m3fn, torch.float8_e4m3fn, 15, 48)]
-    expected = block_scaled_mm(q, quantize_matrix(w, "mxfp8"), backend="emulated")
-    torch.testing.assert_close(y.reshape(15, 48), expected, rtol=0, atol=0)
+    y = torch.ops.mxrewrite.mx_linear(x, torch.ones(3, 5), q.data.reshape(3, 5, 64), q.scales.reshape(3, 5, 2),
+                                      q.tensor_scale, w, None, None, "mxfp8", "rceil", 0.0, False, 1.0, torch.float32,
+                                      "mx")
+    ((a, b, out_dtype),) = calls
+    assert (a.elem_dtype, b.elem_dtype, out_dtype) == (torch.float8_e4m3fn, torch.float8_e4m3fn, torch.float32)
+    assert (a.rows, b.rows) == (15, 48)
+    assert torch.equal(a.data, q.data) and torch.equal(a.scales, q.scales)
+    assert torch.equal(dequantize_matrix(b, torch.float64), mx_fake_quant(w, "rceil"))
+    assert torch.equal(y.reshape(15, 48), product)
 
 
 # ---------------------------------------------------------------------------------------------
