@@ -77,6 +77,9 @@ def ref(case: str) -> str:
     return f"{REF}::test_matches_reference[{case}]"
 
 
+FP8_REF = ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm]",)
+LINEARS_ALL = ("tests/test_fp8_recipe.py::test_linears_all_converts_every_linear_but_head_and_router[fp8]",)
+
 MUTANTS: tuple[Mutant, ...] = (
     # --- RewriteConfig fields that must reach the computation
     Mutant("scale_mode-ignored", "mxrewrite/passes/module_plan.py",
@@ -249,7 +252,38 @@ MUTANTS: tuple[Mutant, ...] = (
            "if path.upcast or weight_upcast:", "if weight_upcast:",
            ("tests/passes/test_plan.py::test_explicit_float32_linear_is_kept",),
            "a linear the model computes in float32 on purpose is rewritten"),
+    Mutant("fp8-gain-not-folded", "mxrewrite/modules/functions.py",
+           "fp8_quantize(weight.float() * gain if gain is not None else weight, E4M3)",
+           "fp8_quantize(weight, E4M3)",
+           FP8_REF,
+           "format='fp8': the norm's gain is not folded into the weight"),
+    Mutant("fp8-weight-grad-misses-gain", "mxrewrite/modules/functions.py",
+           "grad_w = (grad_w.float() * column_scale if column_scale is not None else grad_w).to(weight.dtype)",
+           "grad_w = grad_w.to(weight.dtype)",
+           FP8_REF,
+           "format='fp8': grad_W = G^T Q(xhat) without the gain's columns"),
+    Mutant("fp8-gradients-e4m3", "mxrewrite/modules/functions.py",
+           "g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, E5M2)\n            if ctx.needs_input_grad[0]:\n"
+           "                w_data, w_scale",
+           "g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, E4M3)\n            if ctx.needs_input_grad[0]:\n"
+           "                w_data, w_scale",
+           FP8_REF,
+           "format='fp8': output gradients cast to e4m3 instead of e5m2"),
+    Mutant("fp8-static-scale-too-small", "mxrewrite/ops/reference.py",
+           "return static_scale(norm_output_bound(hidden, fmt=\"fp8\", norm=norm, p=p, correction=correction))",
+           "return static_scale(norm_output_bound(hidden, fmt=\"fp8\", norm=norm, p=p, correction=correction) / 4)",
+           ("tests/formats/test_fp8.py::test_normalised_rows_at_the_bound_do_not_saturate",),
+           "format='fp8': the static activation scale clips normalised values below the norm's bound"),
+    Mutant("linears-all-ignored", "mxrewrite/passes/rewrite.py",
+           'if config is not None and config.linears == "all":', "if False:",
+           LINEARS_ALL,
+           "linears='all' swaps the modules but they never cast their own input"),
+    Mutant("router-converted-by-linears-all", "mxrewrite/passes/linear_plan.py",
+           "    if _routes_experts(node):", "    if False:",
+           LINEARS_ALL,
+           "linears='all' converts an MoE router"),
 )
+
 
 
 # ---------------------------------------------------------------------------
