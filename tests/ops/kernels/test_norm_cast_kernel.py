@@ -607,3 +607,15 @@ def test_gpu_op_runs_the_kernel():
                               correction=CORRECTION, gamma_offset=0.0, eps_in_root=True)
     for a, b in zip(out, direct):
         assert a.is_cuda and torch.equal(a, b)
+
+
+@gpu
+@pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
+@pytest.mark.parametrize("hidden", (4096, 5120, 14336))
+def test_gpu_fp8(hidden, norm, p, eps_in_root):
+    """FP8 (static per-tensor scale, hardware e4m3 conversion) on the GPU, bit for bit; the edge rows too."""
+    for dtype in (torch.bfloat16, torch.float32):
+        x = gaussian_rows((301, hidden), dtype, seed=hidden + 3, device="cuda")
+        check_against_reference(x, None, fmt="fp8", norm=norm, p=p, eps_in_root=eps_in_root)
+    rows, names = edge_rows(64)
+    check_each_edge_row(rows, names, 1e-6, "cuda", fmt="fp8", norm=norm, p=p, eps_in_root=eps_in_root)
