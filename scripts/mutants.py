@@ -264,9 +264,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "format='fp8': grad_W = G^T Q(xhat) without the gain's columns"),
     Mutant("fp8-gradients-e4m3", "mxrewrite/modules/functions.py",
            "g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, E5M2)\n            if ctx.needs_input_grad[0]:\n"
-           "                w_data, w_scale",
+           "                w_data_t, w_scale = _transposed_cast(weight)\n                grad_h",
            "g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, E4M3)\n            if ctx.needs_input_grad[0]:\n"
-           "                w_data, w_scale",
+           "                w_data_t, w_scale = _transposed_cast(weight)\n                grad_h",
            FP8_REF,
            "format='fp8': output gradients cast to e4m3 instead of e5m2"),
     Mutant("fp8-static-scale-too-small", "mxrewrite/ops/reference.py",

@@ -269,3 +269,20 @@ def test_warns_when_an_mx_format_runs_emulated(monkeypatch, capability, fmt, war
     assert len(caught) == int(warns)
     if warns:
         assert "emulated on NVIDIA H200" in str(caught[0].message) and "format='fp8'" in str(caught[0].message)
+
+
+def test_fp8_linears_save_no_copy_of_the_weight():
+    """Under FSDP2 a weight cast saved for backward would keep a copy of every unsharded weight alive: the
+    FP8 linears save the parameter itself (FSDP re-gathers it) and the activation casts only."""
+    block = make_block(3)
+    x = torch.randn(2, 8, D)
+    opt = mxrewrite.optimize(block, (x,), format="fp8", linears="all", progress=False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        opt(x).sum().backward()
+    weight_shapes = {tuple(p.shape) for p in block.parameters() if p.dim() == 2}
+    weight_shapes |= {s[::-1] for s in weight_shapes}
+    fp8_weight_copies = [t for t in saved if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+                         and tuple(t.shape) in weight_shapes]
+    assert not fp8_weight_copies, [tuple(t.shape) for t in fp8_weight_copies]
+    assert any(t.dtype == torch.float8_e4m3fn for t in saved)  # the activation casts are saved

@@ -53,6 +53,12 @@ def _transposed(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous()
 
 
+def _transposed_cast(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight's e4m3 cast in the layout ``G @ W`` reads (``W.T`` row-major), written in one pass from ``W``."""
+    _, data_t, scale = fp8_quantize_with_transpose(weight, E4M3)
+    return data_t, scale
+
+
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias
 
@@ -92,8 +98,8 @@ class Fp8CastLinear(torch.autograd.Function):
         else:
             g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, E5M2)
             if ctx.needs_input_grad[0]:
-                w_data, w_scale = fp8_quantize(weight, E4M3)
-                grad_h = fp8_mm(g_data, _transposed(w_data), g_scale, w_scale, ctx.input_dtype)
+                w_data_t, w_scale = _transposed_cast(weight)
+                grad_h = fp8_mm(g_data, w_data_t, g_scale, w_scale, ctx.input_dtype)
             if ctx.needs_input_grad[1]:  # (x_scale carries alpha)
                 grad_w = fp8_mm(g_data_t, _transposed(data), g_scale, x_scale, weight.dtype)
         if grad_h is not None:
@@ -123,11 +129,12 @@ class OwnCastLinear(torch.autograd.Function):
             w_data, w_scale = fp8_quantize(weight, E4M3)
             y = fp8_mm(x_data, w_data, x_scale, w_scale, x.dtype, fast_accum=FAST_ACCUM_FORWARD)
             ctx.save_for_backward(x2d, weight)
-        else:  # the backward reuses the forward's casts, in the layouts its GEMMs read
+        else:  # the backward reuses the input's cast, in the layout its GEMM reads; the weight is cast again
+            # (saving its cast would keep a copy of every unsharded weight alive under FSDP2)
             x_data, x_data_t, x_scale = fp8_quantize_with_transpose(x2d, E4M3)
-            w_data, w_data_t, w_scale = fp8_quantize_with_transpose(weight, E4M3)
+            w_data, w_scale = fp8_quantize(weight, E4M3)
             y = fp8_mm(x_data, w_data, x_scale, w_scale, x.dtype, fast_accum=FAST_ACCUM_FORWARD)
-            ctx.save_for_backward(x_data_t, x_scale, w_data_t, w_scale)
+            ctx.save_for_backward(x_data_t, x_scale, weight)
         ctx.settings, ctx.input_shape, ctx.input_dtype = settings, x.shape, x.dtype
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype if bias is not None else None
         return _add_bias(y, bias).reshape(*x.shape[:-1], out_features)
@@ -139,9 +146,10 @@ class OwnCastLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         fp8_backward = not get_format(s.fmt).block_scaled and s.grad_cast != "hp"
         if fp8_backward:
-            x_data_t, x_scale, w_data_t, w_scale = ctx.saved_tensors
+            x_data_t, x_scale, weight = ctx.saved_tensors
             g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, E5M2)
             if ctx.needs_input_grad[0]:
+                w_data_t, w_scale = _transposed_cast(weight)
                 grad_x = fp8_mm(g_data, w_data_t, g_scale, w_scale, ctx.input_dtype)
             if ctx.needs_input_grad[1]:
                 grad_w = fp8_mm(g_data_t, x_data_t, g_scale, x_scale, ctx.weight_dtype)
