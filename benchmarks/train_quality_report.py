@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_quality_sweep_report import write_sweep_report  # noqa: E402
+from train_quality_sweep_report import save_figure, write_sweep_report  # noqa: E402
 
 ARM_ORDER = ("mxfp8-rmsnorm", "mxfp8-mxnorm-p2", "mxfp8-mxnorm-p2-cal", "mxfp8-mxnorm-p2-recal", "mxfp8-mxnorm-p1",
              "nvfp4-rmsnorm", "nvfp4-mxnorm-p2", "bf16", "fp8-rmsnorm", "fp8-mxnorm")
@@ -247,14 +247,7 @@ def plot_curves(runs: list[dict], path: str | Path) -> bool:
                          color=colors.get(arm), ms=8, label=f"{next(iter(by_lr.values()))['label']}, other seeds")
     axes[2].set(title="learning-rate slice: final held-out loss", xlabel="peak learning rate",
                 ylabel="nats / byte", xscale="log")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def write_outputs(runs: list[dict], md_path: str | Path | None = None, plot_path: str | Path | None = None) -> str:

@@ -71,20 +71,11 @@ def _site_modules(net: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def probe_sites(net: nn.Module, inputs: torch.Tensor) -> list[dict]:
     """Per site of ``net`` (rewritten or not): the Gaussian p = 2 estimate's ratio on its actual input."""
+    from mxrewrite.recording import run_watching
+
     seen: dict[str, torch.Tensor] = {}
-
-    def recorder(name: str):
-        def hook(module, args):
-            seen.setdefault(name, args[0].detach())
-        return hook
-
-    handles = [module.register_forward_pre_hook(recorder(name)) for name, module in _site_modules(net)]
-    try:
-        with torch.no_grad():
-            net(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_watching(net, [((inputs,), {})], _site_modules(net),
+                 lambda name, args, kwargs, _: seen.setdefault(name, args[0].detach()), before=True)
     out = []
     for name, x in seen.items():
         row = {"norm": name}
@@ -99,22 +90,16 @@ def probe_sites(net: nn.Module, inputs: torch.Tensor) -> list[dict]:
 def ratios_from_rho(net: nn.Module, inputs: torch.Tensor) -> list[dict]:
     """``r / RMS(x)`` of the estimate each rewritten norm used, read from the ``rho`` it returned."""
     from mxrewrite.modules import MXRMSNorm
+    from mxrewrite.recording import run_watching
 
     seen: dict[str, torch.Tensor] = {}
 
-    def recorder(name: str):
-        def hook(module, args, output):
-            x = output.x.detach().double().reshape(-1, output.x.shape[-1])
-            seen.setdefault(name, (1.0 / output.rho.detach().double().reshape(-1)) / x.pow(2).mean(-1).sqrt())
-        return hook
+    def record(name: str, args: tuple, kwargs: dict, output) -> None:
+        x = output.x.detach().double().reshape(-1, output.x.shape[-1])
+        seen.setdefault(name, (1.0 / output.rho.detach().double().reshape(-1)) / x.pow(2).mean(-1).sqrt())
 
-    handles = [m.register_forward_hook(recorder(n)) for n, m in net.named_modules() if isinstance(m, MXRMSNorm)]
-    try:
-        with torch.no_grad():
-            net(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    norms = [(n, m) for n, m in net.named_modules() if isinstance(m, MXRMSNorm)]
+    run_watching(net, [((inputs,), {})], norms, record)
     out = []
     for name, ratio in seen.items():
         summary = _ratio_summary(ratio)

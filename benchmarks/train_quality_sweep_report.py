@@ -473,6 +473,18 @@ def every_run_rows(runs: list[dict]) -> list[list]:
 # ---------------------------------------------------------------------------
 # plots
 
+def save_figure(fig, path: str | Path, legend_fontsize: int = 7) -> bool:
+    """Grid and (where something is labelled) a legend on every panel, then write ``path`` and close."""
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return True
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -512,12 +524,7 @@ def plot_gaps(gaps: list[Gap], path: str | Path) -> bool:
         ax.set_xscale("log", base=2)
         ax.set(title=f"MXNorm's held-out gap to the exact norm, lr {lr:g}",
                xlabel="K (blocks per row in the arm's format)", ylabel="Δ nats / byte (paired by seed, 95% CI)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def gap_curve(runs: list[dict], arm: str, ref: str, tag: str, lr: float) -> tuple[list[int], list[float], int]:
@@ -564,14 +571,7 @@ def plot_curves(runs: list[dict], path: str | Path) -> bool:
                 axes[1][col].plot(steps, values, "o-", ms=3, color=COLORS.get(arm), label=f"{arm} - {ref} (n={n})")
         axes[1][col].axhline(0, color="black", lw=0.8)
         axes[1][col].set(title=f"{tag}: paired gap during training", xlabel="step", ylabel="Δ nats / byte")
-        for ax in axes[:, col]:
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, legend_fontsize=6)
 
 
 def plot_ratio(estimator: list[dict], probes: list[dict], path: str | Path) -> bool:
@@ -602,13 +602,7 @@ def plot_ratio(estimator: list[dict], probes: list[dict], path: str | Path) -> b
     axes[1].set(title="row-to-row sd of r / RMS", xlabel="K", ylabel="sd")
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 PNG_NAMES = {"gap": "gap_vs_k.png", "curves": "loss_curves.png", "ratio": "ratio_vs_k.png"}

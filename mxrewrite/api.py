@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import types
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
@@ -29,7 +28,6 @@ from tqdm.auto import tqdm
 
 from mxrewrite.config import RewriteConfig
 from mxrewrite.errors import CaptureError, ConfigError, MXRewriteError
-from mxrewrite.formats import get_format
 from mxrewrite.modules import replacement_for
 from mxrewrite.passes.calibrate import measure_corrections
 from mxrewrite.passes.capture import capture
@@ -40,6 +38,7 @@ from mxrewrite.passes.module_plan import ModuleSite, module_sites
 from mxrewrite.passes.plan import plan
 from mxrewrite.passes.repeated import BlockGroups, block_copies, rebase, representatives
 from mxrewrite.passes.rewrite import rewrite, shared_copy
+from mxrewrite.recording import run_watching
 from mxrewrite.report import Report, build_report
 
 log = logging.getLogger(__name__)
@@ -131,18 +130,10 @@ def _block_copies(rejected: list[RejectedCandidate], groups: BlockGroups | None,
 
 def _recorded_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[nn.Module, tuple[tuple, dict]]:
     """The inputs of every submodule's first call while ``model`` runs on the example."""
+    submodules = {name: m for name, m in model.named_modules() if m is not model}
     recorded: dict[nn.Module, tuple[tuple, dict]] = {}
-
-    def hook(module, a, kw):
-        recorded.setdefault(module, (a, kw))
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if m is not model]
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_watching(model, [(args, kwargs)], submodules.items(),
+                 lambda name, a, kw, _: recorded.setdefault(submodules[name], (a, kw)), before=True)
     return recorded
 
 
@@ -205,27 +196,12 @@ def _build(model: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig,
         rewrite(model, sites, found.linears, config)
         bar.update()
         device = next((t.device for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
-        warn_if_emulated(config.format, device)
-        lower(device)
+        lower(device, config.format)
         bar.update()
     report = build_report(config, sites, found.rejected, found.linears)
     model.mx_report = report
     log.info("mxrewrite: %d site(s) rewritten, %d skipped", len(report.rewritten), len(report.skipped))
     return report
-
-
-def warn_if_emulated(fmt: str, device: torch.device | None) -> None:
-    """Warn when an MX format will run emulated: a CUDA GPU older than Blackwell has no MX tensor cores."""
-    if device is None or device.type != "cuda" or not get_format(fmt).block_scaled:
-        return
-    if torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 10:
-        return
-    name = torch.cuda.get_device_name(device)
-    warnings.warn(
-        f"mxrewrite: format={fmt!r} runs emulated on {name} (no MX tensor cores before Blackwell, sm_100): each MX "
-        "GEMM dequantises to bf16 first, so the model gets slower, not faster (H200, Llama-3-8B layer fwd+bwd: "
-        "MXFP8 0.91x bf16). Use format='fp8' (FP8 tensor cores with per-tensor scales, 1.39x bf16 on the same "
-        "layer with linears='all'), or keep the MX format to study its numerics.", stacklevel=3)
 
 
 def optimize(model: nn.Module, example_inputs: Inputs = None, *, config: RewriteConfig | None = None,

@@ -26,6 +26,7 @@ from mxrewrite.formats import get_format
 from mxrewrite.modules import MXRMSNorm, NormCastTensor
 from mxrewrite.ops.matmul import BlockScaledMatrix, dequantize_matrix
 from mxrewrite.ops.reference import effective_gain, norm_cast_reference
+from mxrewrite.recording import run_watching
 
 
 
@@ -143,19 +144,8 @@ def _dequantize(fmt: str, data: torch.Tensor, scales: torch.Tensor, tscale: torc
 def _recorded_casts(optimized: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, list[NormCastTensor]]:
     """The NormCastTensor every rewritten norm returned while ``optimized`` ran the inputs, by norm name."""
     records: dict[str, list[NormCastTensor]] = {}
-
-    def recorder(name: str):
-        def hook(module, inputs, output):
-            records.setdefault(name, []).append(output)
-        return hook
-
-    handles = [m.register_forward_hook(recorder(n)) for n, m in optimized.named_modules() if isinstance(m, MXRMSNorm)]
-    try:
-        with torch.no_grad():
-            optimized(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    norms = [(n, m) for n, m in optimized.named_modules() if isinstance(m, MXRMSNorm)]
+    run_watching(optimized, [(args, kwargs)], norms, lambda name, a, kw, out: records.setdefault(name, []).append(out))
     return records
 
 

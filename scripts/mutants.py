@@ -258,7 +258,7 @@ MUTANTS: tuple[Mutant, ...] = (
            FP8_REF,
            "format='fp8': the norm's gain is not folded into the weight"),
     Mutant("fp8-weight-grad-misses-gain", "mxrewrite/modules/functions.py",
-           "grad_w = (grad_w.float() * column_scale if column_scale is not None else grad_w).to(weight.dtype)",
+           "grad_w = (grad_w.float() * gain if gain is not None else grad_w).to(weight.dtype)",
            "grad_w = grad_w.to(weight.dtype)",
            FP8_REF,
            "format='fp8': grad_W = G^T Q(xhat) without the gain's columns"),

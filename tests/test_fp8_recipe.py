@@ -258,7 +258,7 @@ def test_verify_and_cli_cover_fp8(capsys):
 def test_warns_when_an_mx_format_runs_emulated(monkeypatch, capability, fmt, warns):
     import warnings
 
-    from mxrewrite.api import warn_if_emulated
+    from mxrewrite.passes.lower import warn_if_emulated
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")

@@ -86,7 +86,6 @@ class Fp8CastLinear(torch.autograd.Function):
         hidden, out_features = x.shape[-1], weight.shape[0]
         grad = grad_out.reshape(-1, out_features)
         grad_h = grad_w = grad_b = None
-        column_scale = gain
         if ctx.grad_cast == "hp":
             dtype = gemm_dtype(x)
             if ctx.needs_input_grad[0]:
@@ -105,7 +104,7 @@ class Fp8CastLinear(torch.autograd.Function):
         if grad_h is not None:
             grad_h = grad_h.reshape(*x.shape[:-1], hidden)
         if grad_w is not None:
-            grad_w = (grad_w.float() * column_scale if column_scale is not None else grad_w).to(weight.dtype)
+            grad_w = (grad_w.float() * gain if gain is not None else grad_w).to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad.float().sum(0).to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b
@@ -119,8 +118,8 @@ class OwnCastLinear(torch.autograd.Function):
                 settings: LinearSettings) -> torch.Tensor:
         out_features = weight.shape[0]
         x2d = x.reshape(-1, x.shape[-1])
-        if get_format(settings.fmt).block_scaled:
-            spec = get_format(settings.fmt)
+        spec = get_format(settings.fmt)
+        if spec.block_scaled:
             y = mx_matmul(quantize_matrix(x2d, spec, scale_mode=settings.scale_mode),
                           quantize_matrix(weight, spec, scale_mode=settings.scale_mode), x.dtype)
             ctx.save_for_backward(x2d, weight)

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from mxrewrite.errors import MXRewriteError
 from mxrewrite.formats.mx import block_amax
+from mxrewrite.recording import run_watching
 
 __all__ = ["measure_corrections"]
 
@@ -36,21 +37,12 @@ def measure_corrections(model: nn.Module, norms: list[str], inputs: Iterable[tup
     sums = {name: 0.0 for name in norms}
     rows = {name: 0 for name in norms}
 
-    def recorder(name: str):
-        def hook(module, args):
-            ratio = rms_over_power_mean(args[0], p, block_size)
-            sums[name] += ratio.sum().item()
-            rows[name] += ratio.numel()
-        return hook
+    def record(name: str, args: tuple, kwargs: dict, _) -> None:
+        ratio = rms_over_power_mean(args[0], p, block_size)
+        sums[name] += ratio.sum().item()
+        rows[name] += ratio.numel()
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in norms]
-    try:
-        with torch.no_grad():
-            for args, kwargs in inputs:
-                model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_watching(model, inputs, [(name, model.get_submodule(name)) for name in norms], record, before=True)
     missing = [name for name in norms if not rows[name]]
     if missing:
         raise MXRewriteError(f"calibration saw no non-zero rows for {missing}; pass calibration_data with "

@@ -66,8 +66,7 @@ from mxrewrite.ops.kernels.codecs import (
     to_float32,
 )
 from mxrewrite.ops.kernels.launch import is_interpreted, launch
-from mxrewrite.ops.mxnorm_constants import mxnorm_output_bound, rmsnorm_output_bound
-from mxrewrite.ops.reference import check_norm_args, fp8_activation_scale
+from mxrewrite.ops.reference import check_norm_args, fp8_activation_scale, norm_output_bound
 
 # fmt / norm / scale mode codes passed to the kernel as constexprs
 _MXFP8, _NVFP4, _FP8 = 0, 1, 2
@@ -458,9 +457,7 @@ def static_tensor_scale_base(hidden: int, *, fmt: str, norm: str, p: int, correc
         return fp8_activation_scale(hidden, norm=norm, p=p, correction=correction)
     if not spec.tensor_scale:
         return 1.0
-    if norm == "mxnorm":
-        return mxnorm_output_bound(p, hidden // spec.block_size, correction) / NVFP4_SCALE_RANGE
-    return rmsnorm_output_bound(hidden) / NVFP4_SCALE_RANGE
+    return norm_output_bound(hidden, fmt=fmt, norm=norm, p=p, correction=correction) / NVFP4_SCALE_RANGE
 
 
 def _has_fp8_conversion(device: torch.device) -> bool:
@@ -511,7 +508,6 @@ def norm_cast_triton(
 
     data = torch.empty((n_rows, hidden // spec.elems_per_byte), dtype=torch.uint8, device=x.device)
     if not spec.block_scaled:
-        num_blocks_stored = 0
         scales = torch.empty((n_rows, 0), dtype=torch.uint8, device=x.device)
     elif swizzle_scales:
         numel = swizzled_scales_numel(n_rows, num_blocks)
@@ -519,8 +515,6 @@ def norm_cast_triton(
         scales = (torch.zeros if padded else torch.empty)(numel, dtype=torch.uint8, device=x.device)
     else:
         scales = torch.empty((n_rows, num_blocks), dtype=torch.uint8, device=x.device)
-    if spec.block_scaled:
-        num_blocks_stored = num_blocks
     rho = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     tscale_base = static_tensor_scale_base(hidden, fmt=fmt, norm=norm, p=p, correction=correction)
 
@@ -562,5 +556,5 @@ def norm_cast_triton(
 
     data = data.view(*lead, hidden // spec.elems_per_byte)
     if not swizzle_scales:
-        scales = scales.view(*lead, num_blocks_stored)
+        scales = scales.view(*lead, scales.shape[-1])
     return data, scales, rho.view(lead), tscale
