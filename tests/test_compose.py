@@ -448,3 +448,48 @@ def test_per_layer_compile_with_calibrated_rescale():
     assert backend.calls == zoo.LAYERS
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
     assert_same_grads(names, grads, ref_grads)
+
+
+# ---------------------------------------------------------------------------
+# 5. the FP8 recipe on every linear (format="fp8", linears="all")
+
+def assert_every_linear_cast(counter: MXCallCounter, model: nn.Module, calls: int) -> None:
+    """Every MXRMSNorm ran ``calls`` times, every MXLinear ``calls`` times on its norm's cast or on its own
+    cast, and none as a plain ``nn.Linear``; the own casts are the linears no norm feeds."""
+    norms = {n for n, m in model.named_modules() if isinstance(m, MXRMSNorm)}
+    linears = {n for n, m in model.named_modules() if isinstance(m, MXLinear)}
+    assert counter.norms == {n: calls for n in norms}
+    assert counter.own_cast and counter.linears and not counter.linears.keys() & counter.own_cast.keys()
+    assert {**counter.linears, **counter.own_cast} == {n: calls for n in linears}
+    assert counter.plain_linears == {}
+    assert all(n.endswith(("o_proj", "down_proj")) for n in counter.own_cast)
+
+
+@pytest.mark.parametrize("name", HF_MODELS)
+def test_fp8_every_linear_generates_and_checkpoints(name):
+    z = zoo.build(name)
+    opt = optimize(z.model, z.args, format="fp8", linears="all", progress=False)
+    ids = z.args[0]
+
+    opt.eval()
+    counter = MXCallCounter(opt)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                  do_sample=False)
+    try:
+        cached = opt.generate(ids, use_cache=True, **kwargs)
+        assert_every_linear_cast(counter, opt, calls=NEW_TOKENS)
+    finally:
+        counter.remove()
+    assert torch.equal(cached, opt.generate(ids, use_cache=False, **kwargs))
+
+    opt.train()
+    names, params = zip(*trainable(opt))
+    ref_logits, ref_loss, ref_grads = loss_and_grads(opt, ids, params)
+    model = twin(opt)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    counter = MXCallCounter(model)
+    logits, loss, grads = loss_and_grads(model, ids, params)
+    assert_every_linear_cast(counter, model, calls=2)  # recomputed in backward
+    counter.remove()
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    assert_same_grads(names, grads, ref_grads)
