@@ -118,3 +118,51 @@ def test_bench_train_smoke(tmp_path):
             assert res[name]["converted_linears"] == 14  # 7 per layer, the head stays bf16
         else:
             assert res[name]["status"].startswith("not available")
+
+
+def _bench_distributed(tmp_path: Path, *args: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(BENCHMARKS / "bench_distributed.py"), "--smoke", "--out", str(tmp_path), *args],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "command: torchrun --nproc-per-node 2" in proc.stdout
+    return {r["arm"]: r for r in json.loads((tmp_path / "bench_distributed.json").read_text())["results"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bench_distributed_smoke(tmp_path, tp):
+    """torchrun with 2 CPU ranks (gloo), FSDP2 (tp 1) or FSDP2 over one rank x TP 2, activation checkpointing:
+    every arm trains, the parameters are really sharded, and the 2-rank run follows the one-rank run within the
+    script's tolerances."""
+    res = _bench_distributed(tmp_path, "--tp", str(tp))
+    mx_arms = ["mxrewrite fp8 rmsnorm", "mxrewrite fp8 mxnorm", "mxrewrite mxfp8 mxnorm"]
+    for name in ["bf16", *mx_arms]:
+        r = res[name]
+        assert r["status"] == "ok", r["status"]
+        assert (r["world"], r["dp"], r["tp"]) == (2, 2 // tp, tp)
+        # FSDP2 shards everything in half; TP halves the 7 linears of each layer (embedding, norms, head whole)
+        assert r["held_fraction"] == 0.5 if tp == 1 else 0.5 < r["held_fraction"] < 0.7
+        assert r["trains"] and len(r["losses"]) == 6
+        assert r["reference"]["ok"], r["reference"]
+        assert len(r["reference"]["reference_losses"]) == 6
+    for name in mx_arms:  # the casts ran: the losses are not bf16's, and every linear but the head was replaced
+        assert res[name]["losses"][1:] != res["bf16"]["losses"][1:]
+    assert [res[n]["converted_linears"] for n in mx_arms] == [14, 14, 10]
+    assert res["bf16"]["converted_linears"] == 0
+    # float32 compute: the split batch or the split linears change only the order of the sums
+    assert res["bf16"]["reference"]["loss_max_rel_diff"] < 1e-5
+    assert res["bf16"]["reference"]["param_max_rel_drift"] < 1e-3
+
+
+@pytest.mark.slow
+def test_bench_distributed_compiled_layers(tmp_path):
+    """The GPU run's stack on CPU: per-layer torch.compile (fullgraph) inside activation checkpointing under
+    FSDP2, the FP8 recipe against bf16; about 90 s of compiling."""
+    res = _bench_distributed(tmp_path, "--compile", "layers", "--arms", "mxrewrite fp8 rmsnorm")
+    assert list(res) == ["bf16", "mxrewrite fp8 rmsnorm"]
+    for r in res.values():
+        assert r["status"] == "ok" and r["trains"] and r["reference"]["ok"], r
+        assert r["compiled_graphs"] >= 1
+    assert res["mxrewrite fp8 rmsnorm"]["reference"]["param_max_rel_drift"] < 1e-3

@@ -1,5 +1,5 @@
 """FP8 with per-tensor scales (``format="fp8"``): the dynamic cast bit for bit against torchao's tensorwise
-float8 cast (and an independent float64 restatement), the static scale of a normalised activation, and
+float8 cast with power-of-two scales (and an independent float64 restatement), the static scale of a normalised activation, and
 ``mxrewrite::fp8_mm`` against a dequantised float64 matmul."""
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ FP8_DTYPES = (E4M3, E5M2)
 
 
 def independent_cast(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensorwise recipe restated: float64 ``max / amax`` rounded to float32, saturating round to nearest."""
+    """The tensorwise recipe restated: float64 ``max / amax`` rounded to float32, then down to a power of two,
+    saturating round to nearest."""
     fmax = torch.finfo(dtype).max
     amax = t.double().abs().max().clamp(min=1e-12)
-    scale = torch.tensor(fmax / amax.item(), dtype=torch.float64).float()
+    scale = 2.0 ** math.floor(math.log2(torch.tensor(fmax / amax.item(), dtype=torch.float64).float().item()))
+    scale = torch.tensor(scale, dtype=torch.float32)
     return (t.float() * scale).clamp(-fmax, fmax).to(dtype), 1.0 / scale
 
 
@@ -37,19 +39,36 @@ def test_dynamic_cast_matches_an_independent_restatement(dtype, src):
         assert data.dtype == dtype and scale.shape == () and scale.dtype == torch.float32
         assert torch.equal(data.view(torch.uint8), ref_data.view(torch.uint8))
         assert scale.item() == pytest.approx(ref_scale.item(), rel=1e-7)
-        # the largest magnitude lands on the format's largest value
-        assert data.float().abs().max().item() == torch.finfo(dtype).max
+        # the largest magnitude lands in the format's top binade
+        assert torch.finfo(dtype).max / 2 < data.float().abs().max().item() <= torch.finfo(dtype).max
+        assert math.log2(scale.item()).is_integer()
 
 
 @pytest.mark.parametrize("dtype", FP8_DTYPES, ids=str)
 def test_dynamic_cast_is_torchaos_tensorwise_cast(dtype):
     utils = pytest.importorskip("torchao.float8.float8_utils")
     t = wide_range((64, 96), torch.bfloat16, seed=4)
-    scale = utils.tensor_to_scale(t, dtype)
+    scale = utils.tensor_to_scale(t, dtype, round_scales_to_power_of_2=True)
     expected = utils.to_fp8_saturated(t.float() * scale, dtype)
     data, dequant = fp8_quantize(t, dtype)
     assert torch.equal(data.view(torch.uint8), expected.view(torch.uint8))
     assert torch.equal(dequant, scale.reciprocal())
+
+
+@pytest.mark.parametrize("dtype", FP8_DTYPES, ids=str)
+def test_a_slice_casts_its_normal_values_as_the_whole_tensor_does(dtype):
+    """Data parallel ranks each scale their own slice: with power-of-two scales every value that is normal in
+    both casts dequantises to the same number, so only the format's subnormal range depends on the split."""
+    t = torch.randn(64, 96, generator=torch.Generator().manual_seed(5)) * torch.logspace(-1, 1, 96)
+    t[32:] *= 9.0
+    whole = fp8_dequantize(*fp8_quantize(t, dtype))
+    halves = torch.cat([fp8_dequantize(*fp8_quantize(part, dtype)) for part in t.chunk(2)])
+    tiny = torch.finfo(dtype).tiny
+    normal = torch.cat([(part * (1 / fp8_quantize(part, dtype)[1])).abs() >= tiny for part in t.chunk(2)])
+    normal &= (t * (1 / fp8_quantize(t, dtype)[1])).abs() >= tiny
+    assert fp8_quantize(t[:32], dtype)[1] != fp8_quantize(t, dtype)[1]      # the slices' scales differ
+    assert normal.float().mean() > 0.9
+    assert torch.equal(whole[normal], halves[normal])
 
 
 def test_all_zero_tensor_gets_a_finite_scale():
