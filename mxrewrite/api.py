@@ -174,8 +174,24 @@ def _calibrated(model: nn.Module, sites: list[ModuleSite], config: RewriteConfig
     norms = [s.norm for s in sites if s.rewritten]
     corrections = measure_corrections(model, norms, (split_inputs(d) for d in data), p=config.p,
                                       block_size=config.block_size)
+    _warn_per_layer_compile(len(set(corrections.values())))
     return [replace(s, settings=s.settings._replace(correction=corrections[s.norm])) if s.rewritten else s
             for s in sites]
+
+
+def _warn_per_layer_compile(constants: int) -> None:
+    """torch.compile specialises on each site's calibrated constant (a float argument of ``norm_cast``): compiling
+    each decoder layer on its own (torchtitan's per-layer compile) compiles every layer again, and dynamo stops at
+    its recompile limit (an error under ``fullgraph=True``, eager layers otherwise). Whole-model compile is not
+    affected. Say so when the constants outnumber the limit."""
+    config = torch._dynamo.config
+    limit = getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8))
+    if constants > limit:
+        log.warning("mxrewrite: rescale='calibrated' gave %d different constants; torch.compile of each layer on its "
+                    "own compiles every layer again (one constant per site) and stops at "
+                    "torch._dynamo.config.recompile_limit = %d. With per-layer compile, raise that limit above the "
+                    "number of layers, or use rescale='gaussian'; compiling the whole model is not affected.",
+                    constants, limit)
 
 
 def _build(model: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig,

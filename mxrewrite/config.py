@@ -34,7 +34,9 @@ class RewriteConfig:
         scale_mode: E8M0 rounding of MXFP8 block scales, ``"rceil"`` or ``"floor"``.
         rescale: MXNorm's correction constant: ``"gaussian"`` uses c'(p, B);
             ``"calibrated"`` measures RMS / estimate per site on calibration
-            inputs; ``"none"`` uses the bare estimate (output scale c' instead of 1).
+            inputs (torch.compile specialises on each site's constant: a per-layer
+            compile compiles every layer again); ``"none"`` uses the bare estimate
+            (output scale c' instead of 1).
         include_head: also rewrite a norm whose only consumer is the model's
             output head (the paper keeps the head in high precision).
         grad_cast: ``"mx"`` casts the backward GEMMs' operands to low precision as the

@@ -431,8 +431,8 @@ def test_compile_dynamic_true():
 
 def test_per_layer_compile_with_calibrated_rescale():
     """Calibrated rescale constants differ per site: the second layer's call of the shared compiled frame sees a
-    new ``settings.correction``, which automatic dynamic makes a SymFloat. The NormCastTensor does not carry it
-    (only norm_cast reads it), so the compiled layers run and compute what eager does."""
+    new ``settings.correction`` and compiles again (see the xfail below); the compiled layers run and compute
+    what eager does."""
     z = zoo.build("torchtitan_llama")
     opt = optimize(z.model, z.args, rescale="calibrated", progress=False).train()
     corrections = [m.settings.correction for m in opt.modules() if isinstance(m, MXRMSNorm)]
@@ -448,6 +448,31 @@ def test_per_layer_compile_with_calibrated_rescale():
     assert backend.calls == zoo.LAYERS
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
     assert_same_grads(names, grads, ref_grads)
+
+
+@pytest.mark.xfail(strict=True, reason="each site's calibrated constant is a float argument of norm_cast: dynamo "
+                   "specialises on it, so per-layer compile compiles every layer (and fails past recompile_limit with "
+                   "fullgraph=True; optimize() logs a warning). Fix: pass the constant to the op as a tensor.")
+def test_per_layer_compile_with_calibrated_rescale_compiles_once():
+    z = zoo.build("torchtitan_llama")
+    model = optimize(z.model, z.args, rescale="calibrated", progress=False).train()
+    backend = CountingBackend("aot_eager")
+    for key, layer in list(model.layers.named_children()):
+        model.layers.register_module(key, torch.compile(layer, fullgraph=True, backend=backend))
+    model(tokens(*SHAPES[0]))
+    assert backend.calls == zoo.LAYERS
+    assert backend.compiles == 1
+
+
+def test_calibrated_constants_beyond_the_recompile_limit_are_reported(monkeypatch, caplog):
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+    caplog.set_level(logging.WARNING, logger="mxrewrite")
+    z = zoo.build("torchtitan_llama")
+    optimize(z.model, z.args, rescale="calibrated", progress=False)
+    assert "raise that limit above the number of layers" in caplog.text
+    caplog.clear()
+    optimize(z.model, z.args, rescale="gaussian", progress=False)
+    assert "recompile_limit" not in caplog.text
 
 
 # ---------------------------------------------------------------------------
