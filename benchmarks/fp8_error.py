@@ -11,7 +11,8 @@ the relative L2 error of:
 
 Arms: bf16; torchao float8 tensorwise, tensorwise with power-of-two scales (``round_scales_to_power_of_2``),
 rowwise (all 7 linears); mxrewrite ``format="fp8", linears="all"`` with exact RMSNorm and with MXNorm (its
-error includes MXNorm's estimate, which is not RMSNorm: compare it with the rmsnorm arm for the casts);
+error includes MXNorm's estimate, which is not RMSNorm: compare it with the rmsnorm arm for the casts), and
+with exact RMSNorm and e4m3 gradients (``grad_cast="e4m3"``);
 on a GPU also mxrewrite rmsnorm with the forward GEMMs accumulating exactly (no fast accumulation).
 On CPU the FP8 GEMMs are emulated exactly (dequantised operands, float32 products): the casts' error
 alone; on the GPU ``torch._scaled_mm`` adds its accumulation.
@@ -54,11 +55,12 @@ def _torchao(recipe: str, **overrides):
     return build
 
 
-def _mxrewrite(norm: str):
+def _mxrewrite(norm: str, grad_cast: str = "mx"):
     def build(layer, example):
         import mxrewrite
 
-        return mxrewrite.optimize(layer, (example,), format="fp8", norm=norm, linears="all", progress=False)
+        return mxrewrite.optimize(layer, (example,), format="fp8", norm=norm, linears="all", grad_cast=grad_cast,
+                                  progress=False)
 
     return build
 
@@ -83,6 +85,7 @@ ARMS = [
     Arm("torchao float8 rowwise", "torchao", _torchao("rowwise")),
     Arm("mxrewrite fp8 rmsnorm", "mxrewrite-fp8", _mxrewrite("rmsnorm")),
     Arm("mxrewrite fp8 mxnorm", "mxrewrite-fp8", _mxrewrite("mxnorm")),
+    Arm("mxrewrite fp8 rmsnorm, e4m3 gradients", "mxrewrite-fp8", _mxrewrite("rmsnorm", "e4m3")),
     Arm("mxrewrite fp8 rmsnorm, exact accumulation", "mxrewrite-fp8-exact", _mxrewrite("rmsnorm")),
 ]
 

@@ -32,7 +32,8 @@ MXFP8 cast), ``mxfp8-mxnorm-p2`` (Gaussian constant), ``mxfp8-mxnorm-p2-cal``
 the parameters and the optimizer state, and is compiled again), ``mxfp8-mxnorm-p1``,
 ``nvfp4-rmsnorm``, ``nvfp4-mxnorm-p2``, ``bf16`` (no rewrite), and issue 13's FP8
 recipe ``fp8-rmsnorm`` / ``fp8-mxnorm``: ``optimize(model, x, format="fp8",
-linears="all", norm=...)``. An arm whose options the installed mxrewrite lacks
+linears="all", norm=...)``, and ``fp8-rmsnorm-e4m3`` with e4m3 gradients
+(``grad_cast="e4m3"``). An arm whose options the installed mxrewrite lacks
 is recorded as ``unavailable`` with the reason (and retried by the next call);
 the sweep goes on.
 
@@ -151,6 +152,9 @@ ARMS = {arm.name: arm for arm in (
         (("format", "fp8"), ("norm", "rmsnorm"), ("linears", "all")), requires=FP8_REQUIRES),
     Arm("fp8-mxnorm", "FP8 recipe (all linears), MXNorm p=2",
         (("format", "fp8"), ("norm", "mxnorm"), ("p", 2), ("linears", "all")), requires=FP8_REQUIRES),
+    Arm("fp8-rmsnorm-e4m3", "FP8 recipe (all linears), RMSNorm, e4m3 gradients",
+        (("format", "fp8"), ("norm", "rmsnorm"), ("linears", "all"), ("grad_cast", "e4m3")),
+        requires=FP8_REQUIRES + ("grad_cast='e4m3'",)),
 )}
 BASELINE = "mxfp8-rmsnorm"
 PRESET_ARMS = ("mxfp8-rmsnorm", "mxfp8-mxnorm-p2", "mxfp8-mxnorm-p1", "nvfp4-rmsnorm", "nvfp4-mxnorm-p2", "bf16")

@@ -27,6 +27,7 @@ from tabulate import tabulate
 from mxrewrite.api import get_report, optimize, split_inputs
 from mxrewrite.config import RewriteConfig
 from mxrewrite.errors import MXRewriteError
+from mxrewrite.ops.mx_linear import GRAD_CASTS
 from mxrewrite.verify import verify
 
 
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--scale-mode", dest="scale_mode", choices=["rceil", "floor"])
     common.add_argument("--rescale", choices=["gaussian", "calibrated", "none"])
     common.add_argument("--include-head", dest="include_head", action="store_true", default=None)
-    common.add_argument("--grad-cast", dest="grad_cast", choices=["mx", "hp"])
+    common.add_argument("--grad-cast", dest="grad_cast", choices=list(GRAD_CASTS))
     common.add_argument("--linears", choices=["norm-fed", "all"])
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("-v", "--verbose", action="store_true")

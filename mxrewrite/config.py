@@ -41,8 +41,11 @@ class RewriteConfig:
             output head (the paper keeps the head in high precision).
         grad_cast: ``"mx"`` casts the backward GEMMs' operands to low precision as the
             format's training recipe does (MXFP8 with e5m2 gradients; under ``"fp8"``,
-            e5m2 gradients and e4m3 operands with per-tensor scales); ``"hp"`` keeps them
-            in high precision.
+            e5m2 gradients and e4m3 operands with per-tensor scales); ``"e4m3"`` the
+            same with e4m3 gradients (one more mantissa bit, 2**8 less range: on a
+            unit-scale layer under FP8 the gradients' error drops by about a quarter,
+            benchmarks/RESULTS.md; whether training holds is not measured yet);
+            ``"hp"`` keeps them in high precision.
         linears: ``"norm-fed"`` converts the linears a rewritten norm feeds; ``"all"``
             also converts every other ``nn.Linear`` (attention output, MLP down), each
             casting its own input: one call makes a complete low-precision recipe.

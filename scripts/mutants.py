@@ -77,7 +77,7 @@ def ref(case: str) -> str:
     return f"{REF}::test_matches_reference[{case}]"
 
 
-FP8_REF = ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm]",)
+FP8_REF = ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-mx]",)
 LINEARS_ALL = ("tests/test_fp8_recipe.py::test_linears_all_converts_every_linear_but_head_and_router[fp8]",)
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -179,7 +179,7 @@ MUTANTS: tuple[Mutant, ...] = (
            'w_cast = quantize_matrix(w, spec, scale_mode="rceil")',
            (ref("llama-scale_mode=floor"),), "the weight cast uses rceil under scale_mode=floor"),
     Mutant("gradient-cast-e4m3", "mxrewrite/ops/mx_linear.py",
-           "elem_dtype=torch.float8_e5m2)", "elem_dtype=torch.float8_e4m3fn)",
+           "elem_dtype=gradient_elem_dtype(grad_cast))", "elem_dtype=torch.float8_e4m3fn)",
            (ref("llama-default"),), "grad_cast='mx' casts the output gradient to e4m3 instead of e5m2"),
     Mutant("gradient-cast-ignores-scale_mode", "mxrewrite/ops/mx_linear.py",
            'a = quantize_matrix(grad_t, "mxfp8", scale_mode=scale_mode,',
@@ -263,10 +263,8 @@ MUTANTS: tuple[Mutant, ...] = (
            FP8_REF,
            "format='fp8': grad_W = G^T Q(xhat) without the gain's columns"),
     Mutant("fp8-gradients-e4m3", "mxrewrite/modules/functions.py",
-           "g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, E5M2)\n            if ctx.needs_input_grad[0]:\n"
-           "                w_data_t, w_scale = _transposed_cast(weight)\n                grad_h",
-           "g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, E4M3)\n            if ctx.needs_input_grad[0]:\n"
-           "                w_data_t, w_scale = _transposed_cast(weight)\n                grad_h",
+           "fp8_quantize_with_transpose(grad, gradient_elem_dtype(ctx.grad_cast))",
+           "fp8_quantize_with_transpose(grad, E4M3)",
            FP8_REF,
            "format='fp8': output gradients cast to e4m3 instead of e5m2"),
     Mutant("fp8-static-scale-too-small", "mxrewrite/ops/reference.py",
@@ -278,6 +276,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "return torch.exp2(torch.floor(torch.log2(scale)))", "return scale",
            ("tests/formats/test_fp8.py::test_a_slice_casts_its_normal_values_as_the_whole_tensor_does",),
            "format='fp8': dynamic scales not rounded to powers of two (a rank's casts differ from one GPU's)"),
+    Mutant("e4m3-gradients-ignored", "mxrewrite/ops/mx_linear.py",
+           'return torch.float8_e4m3fn if grad_cast == "e4m3" else torch.float8_e5m2', "return torch.float8_e5m2",
+           ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-e4m3]",
+            "tests/ops/test_mx_linear.py::test_mx_gradient_casts_use_the_gradient_element_type[mxfp8-e4m3-grad_dtype1]"),
+           "grad_cast='e4m3' still casts the gradients to e5m2"),
     Mutant("linears-all-ignored", "mxrewrite/passes/rewrite.py",
            'if config is not None and config.linears == "all":', "if False:",
            LINEARS_ALL,

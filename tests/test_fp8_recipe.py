@@ -2,7 +2,7 @@
 
 * An independent float64 reference of the FP8 recipe for a small SwiGLU block: the norm (exact or MXNorm)
   and its static-scale e4m3 cast, the gain folded into each weight before its dynamic per-tensor cast, the
-  down projection casting its own input; backward with e5m2 gradients, ``grad_W = (G^T @ Q(xhat)) * gain``
+  down projection casting its own input; backward with e5m2 (or e4m3) gradients, ``grad_W = (G^T @ Q(xhat)) * gain``
   and the straight-through norm gradient. Rounding comes from ``tests.reference_model.round_to_grid``
   (exponent arithmetic, no float8 dtype), nothing from the code under test.
 * ``linears="all"``: which linears are converted and which are kept (head, router), in the report and the
@@ -57,10 +57,11 @@ def make_block(seed=0) -> SwiGLUBlock:
 # ---------------------------------------------------------------- the independent reference
 
 def dynamic_quant(t: torch.Tensor, elem: tuple) -> torch.Tensor:
-    """Per-tensor cast values: multiplier ``float32(max / amax)`` (computed in float64), product rounded to
-    float32 (the cast's input), then to the grid."""
+    """Per-tensor cast values: multiplier ``float32(max / amax)`` (computed in float64) rounded down to a power
+    of two, product rounded to float32 (the cast's input), then to the grid."""
     t = t.float().double()
-    mult = torch.tensor(elem[2] / max(t.abs().max().item(), 1e-12)).float().double()
+    mult = torch.tensor(elem[2] / max(t.abs().max().item(), 1e-12)).float().item()
+    mult = 2.0 ** math.floor(math.log2(mult))
     return round_to_grid((t * mult).float().double(), elem) / mult
 
 
@@ -73,9 +74,9 @@ class RefFp8Linear(torch.autograd.Function):
     """``y = q_h @ Q(W * gain)^T + b``; backward ``grad_h = Q5(G) @ Q(W)``, ``grad_W = (Q5(G)^T @ q_h) * gain``."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, q_h, gain):
+    def forward(ctx, h, weight, bias, q_h, gain, grad_elem):
         ctx.save_for_backward(weight, q_h, gain)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.grad_elem = bias is not None, grad_elem
         w = weight * gain if gain is not None else weight
         y = q_h.reshape(-1, q_h.shape[-1]) @ dynamic_quant(w, E4M3).t()
         y = y + bias if bias is not None else y
@@ -84,16 +85,17 @@ class RefFp8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, q_h, gain = ctx.saved_tensors
-        g = dynamic_quant(grad_out.reshape(-1, weight.shape[0]), E5M2)
+        g = dynamic_quant(grad_out.reshape(-1, weight.shape[0]), ctx.grad_elem)
         grad_h = (g @ dynamic_quant(weight, E4M3)).reshape(q_h.shape)
         grad_w = g.t() @ q_h.reshape(-1, q_h.shape[-1])
         if gain is not None:
             grad_w = grad_w * gain
         grad_b = grad_out.reshape(-1, weight.shape[0]).sum(0) if ctx.has_bias else None
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
-def reference_forward(block: SwiGLUBlock, x: torch.Tensor, norm: str) -> tuple[torch.Tensor, dict]:
+def reference_forward(block: SwiGLUBlock, x: torch.Tensor, norm: str, grad_elem: tuple = E5M2
+                      ) -> tuple[torch.Tensor, dict]:
     params = {n: p.detach().double().requires_grad_() for n, p in block.named_parameters()}
     x = x.detach().double().requires_grad_()
     if norm == "mxnorm":
@@ -107,26 +109,27 @@ def reference_forward(block: SwiGLUBlock, x: torch.Tensor, norm: str) -> tuple[t
     gain = params["norm.weight"]
     h = _StraightThroughNorm.apply(x, gain, rho)
     q_h = static_quant(x.detach() * rho.unsqueeze(-1), bound)
-    gate = RefFp8Linear.apply(h, params["gate.weight"], None, q_h, gain)
-    up = RefFp8Linear.apply(h, params["up.weight"], params["up.bias"], q_h, gain)
+    gate = RefFp8Linear.apply(h, params["gate.weight"], None, q_h, gain, grad_elem)
+    up = RefFp8Linear.apply(h, params["up.weight"], params["up.bias"], q_h, gain, grad_elem)
     a = F.silu(gate) * up
     q_a = dynamic_quant(a.detach(), E4M3)
-    y = x + RefFp8Linear.apply(a, params["down.weight"], None, q_a, None)
+    y = x + RefFp8Linear.apply(a, params["down.weight"], None, q_a, None, grad_elem)
     return y, {"x": x, **params}
 
 
-@pytest.mark.parametrize("norm", ("rmsnorm", "mxnorm"))
-def test_fp8_recipe_matches_an_independent_reference(norm):
+@pytest.mark.parametrize("norm, grad_cast", [("rmsnorm", "mx"), ("mxnorm", "mx"), ("rmsnorm", "e4m3")])
+def test_fp8_recipe_matches_an_independent_reference(norm, grad_cast):
     block = make_block()
     x = torch.randn(3, 10, D) * 2
-    opt = mxrewrite.optimize(block, (x,), format="fp8", norm=norm, linears="all", progress=False)
+    opt = mxrewrite.optimize(block, (x,), format="fp8", norm=norm, linears="all", grad_cast=grad_cast,
+                             progress=False)
     assert all(isinstance(getattr(opt, n), MXLinear) for n in ("gate", "up", "down"))
 
     xin = x.clone().requires_grad_()
     y = opt(xin)
     grad = torch.randn_like(y)
     y.backward(grad)
-    ref_y, leaves = reference_forward(block, x, norm)
+    ref_y, leaves = reference_forward(block, x, norm, E4M3 if grad_cast == "e4m3" else E5M2)
     ref_y.backward(grad.double())
 
     def rel(a, b):

@@ -57,7 +57,7 @@ class CastSettings(NamedTuple):
     correction: float       # c'(p, B), a calibrated constant, or 1.0
     gain_offset: float      # 1.0 for Gemma's (1 + weight)
     gain_in_cast: bool      # the exact-RMSNorm baseline applies the gain before casting
-    grad_cast: str          # "mx" | "hp": precision of the linears' backward GEMMs
+    grad_cast: str          # "mx" | "e4m3" | "hp": precision of the linears' backward GEMMs
 
 
 _INNER = ("x", "rho", "elems", "scales", "tensor_scale", "gain")

@@ -14,7 +14,10 @@ precision, ``G`` the output gradient and ``H = alpha * G @ W``:
 ``mxrewrite::rms_norm_backward``. With ``grad_cast="mx"`` both backward GEMMs run
 on MX operands blocked along their reduction dim: the gradient with
 float8_e5m2 elements, the other operand with float8_e4m3fn (the MXFP8 training
-recipe, used for NVFP4 models too); ``grad_cast="hp"`` keeps them in high precision.
+recipe, used for NVFP4 models too); ``grad_cast="e4m3"`` casts the gradient to
+float8_e4m3fn too (one more mantissa bit, less range: NVIDIA's MXFP8 recipe, and
+both operands of the same type, which Blackwell's MX GEMM takes natively);
+``grad_cast="hp"`` keeps them in high precision.
 
 ``rho`` is treated as a constant of ``x``: its dependence on ``x`` is inside the
 norm gradient formula, so nothing flows back through ``norm_cast``.
@@ -37,7 +40,12 @@ from mxrewrite.ops.matmul import BlockScaledMatrix, mx_matmul, quantize_matrix
 from mxrewrite.ops.norm_backward import rms_norm_backward
 from mxrewrite.ops.reference import effective_gain, normalize
 
-GRAD_CASTS = ("mx", "hp")
+GRAD_CASTS = ("mx", "e4m3", "hp")
+
+
+def gradient_elem_dtype(grad_cast: str) -> torch.dtype:
+    """The element type an output gradient is cast to for a low-precision backward GEMM."""
+    return torch.float8_e4m3fn if grad_cast == "e4m3" else torch.float8_e5m2
 
 
 def gemm_dtype(t: torch.Tensor) -> torch.dtype:
@@ -100,13 +108,13 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
 def grad_matmul(grad: torch.Tensor, other: torch.Tensor, grad_cast: str, scale_mode: str,
                  dtype: torch.dtype) -> torch.Tensor:
     """``grad @ other`` in ``dtype`` (accumulated in float32), reducing over ``grad``'s last dim;
-    on MX operands when ``grad_cast="mx"``."""
+    on MX operands unless ``grad_cast="hp"`` (the gradient's elements: :func:`gradient_elem_dtype`)."""
     if grad_cast == "hp":
         return grad.to(dtype) @ other.to(dtype)
     # blocks run along the reduction dim, zero-padded to whole blocks
     grad_t = _pad_rows(grad.t(), MXFP8_BLOCK_SIZE).t()
     other_t = _pad_rows(other, MXFP8_BLOCK_SIZE).t()
-    a = quantize_matrix(grad_t, "mxfp8", scale_mode=scale_mode, elem_dtype=torch.float8_e5m2)
+    a = quantize_matrix(grad_t, "mxfp8", scale_mode=scale_mode, elem_dtype=gradient_elem_dtype(grad_cast))
     b = quantize_matrix(other_t, "mxfp8", scale_mode=scale_mode)
     return mx_matmul(a, b, dtype)
 

@@ -24,8 +24,9 @@ from tests.helpers import float32_ulp, mx_values64, nvfp4_values64
 norm_cast = torch.ops.mxrewrite.norm_cast
 mx_linear = torch.ops.mxrewrite.mx_linear
 EPS = 1e-6
-# e5m2 gradient times e4m3 operand: each product is off by at most (1 + 2**-3) * (1 + 2**-4) - 1
-MX_GRAD_RELATIVE = (1 + 2.0**-3) * (1 + 2.0**-4) - 1
+# e5m2 gradient times e4m3 operand: each product is off by at most (1 + 2**-3) * (1 + 2**-4) - 1;
+# with an e4m3 gradient (grad_cast="e4m3") by (1 + 2**-4)**2 - 1
+MX_GRAD_RELATIVE = {"mx": (1 + 2.0**-3) * (1 + 2.0**-4) - 1, "e4m3": (1 + 2.0**-4) ** 2 - 1}
 
 
 def make_inputs(lead, hidden, out_features, *, dtype=torch.float32, seed=0, gamma=True, bias=True):
@@ -216,18 +217,19 @@ def test_backward_rmsnorm_equals_autograd_through_rms_norm():
         assert_close_normwise(ours, leaf.grad, 5e-6, f"grad {name}")
 
 
+@pytest.mark.parametrize("grad_cast", ["mx", "e4m3"])
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=case_id)
-def test_backward_mx_within_e5m2_error(case):
+def test_backward_mx_within_the_casts_error(case, grad_cast):
     """grad_cast="mx": the two backward GEMMs run on an e5m2 gradient and an e4m3 operand. Each
     product is then off by at most MX_GRAD_RELATIVE (~0.2) of its magnitude, so per element
     |error| <= 0.2 * (|G| @ |W|) for H = G W, and that bound carried through the (linear)
-    norm gradient, the gamma sum and |G|^T @ |x gain| for the weight."""
+    norm gradient, the gamma sum and |G|^T @ |x gain| for the weight. "e4m3": the same with ~0.13."""
     case = dict(case)
     lead = case.pop("lead", (16,))
     x, w, gamma, b = make_inputs(lead, 128, 48, seed=5, gamma=case.pop("gamma", True), bias=case.pop("bias", True))
     grad_out = torch.randn(*lead, 48, generator=torch.Generator().manual_seed(6))
     alpha, offset = case.get("alpha", 1.0), case.get("gamma_offset", 0.0)
-    grads, rho = op_grads(x, w, gamma, b, grad_out, grad_cast="mx", **case)
+    grads, rho = op_grads(x, w, gamma, b, grad_out, grad_cast=grad_cast, **case)
     ref = surrogate_reference(x, w, gamma, b, rho, grad_out, alpha=alpha, gamma_offset=offset)
 
     hidden = x.shape[-1]
@@ -235,7 +237,7 @@ def test_backward_mx_within_e5m2_error(case):
     g2 = grad_out.reshape(-1, 48).double() * abs(alpha)
     r = rho.reshape(-1, 1).double()
     gain = torch.ones(hidden, dtype=torch.float64) if gamma is None else (gamma.double() + offset).abs()
-    slack = MX_GRAD_RELATIVE * 1.01
+    slack = MX_GRAD_RELATIVE[grad_cast] * 1.01
     err_h = slack * (g2.abs() @ w.double().abs())                     # |error| of H = alpha G W
     bound_x = r * gain * err_h + r**3 / hidden * x2.abs() * (gain * err_h * x2.abs()).sum(-1, keepdim=True)
     bound_w = slack * (g2.abs().T @ (x2 * r * gain).abs())
@@ -254,10 +256,11 @@ def test_backward_mx_within_e5m2_error(case):
         assert (ours.double() - theirs).norm() < 0.1 * theirs.norm(), f"grad {name}"
 
 
+@pytest.mark.parametrize("grad_cast, grad_dtype", [("mx", torch.float8_e5m2), ("e4m3", torch.float8_e4m3fn)])
 @pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
-def test_mx_gradient_casts_use_e5m2_for_the_gradient(fmt, monkeypatch):
-    """grad_cast="mx" casts the output gradient with e5m2 elements and the other operand (W, or
-    x * rho * gain) with e4m3, both blocked along the GEMM's reduction dim; "hp" casts nothing."""
+def test_mx_gradient_casts_use_the_gradient_element_type(fmt, grad_cast, grad_dtype, monkeypatch):
+    """grad_cast="mx" casts the output gradient with e5m2 elements ("e4m3": e4m3) and the other operand (W,
+    or x * rho * gain) with e4m3, both blocked along the GEMM's reduction dim; "hp" casts nothing."""
     module = importlib.import_module("mxrewrite.ops.mx_linear")  # the package attribute is the op itself
     calls = []
     original = module.quantize_matrix
@@ -270,12 +273,12 @@ def test_mx_gradient_casts_use_e5m2_for_the_gradient(fmt, monkeypatch):
     x, w, gamma, b = make_inputs((tokens,), hidden, out_features, seed=14)
     grad_out = torch.randn(tokens, out_features, generator=torch.Generator().manual_seed(15))
     leaves = [t.requires_grad_(True) for t in (x, w, gamma, b)]
-    y, _ = run_forward(*leaves, fmt=fmt, grad_cast="mx")
+    y, _ = run_forward(*leaves, fmt=fmt, grad_cast=grad_cast)
     monkeypatch.setattr(module, "quantize_matrix", spy)
     y.backward(grad_out)
     assert sorted(calls, key=str) == sorted([
-        ((tokens, 64), torch.float8_e5m2), ((hidden, 64), None),            # H = G W: reduce over N=48 -> 64
-        ((out_features, 64), torch.float8_e5m2), ((hidden, 64), None),      # dW = G^T xg: reduce over 40 -> 64
+        ((tokens, 64), grad_dtype), ((hidden, 64), None),            # H = G W: reduce over N=48 -> 64
+        ((out_features, 64), grad_dtype), ((hidden, 64), None),      # dW = G^T xg: reduce over 40 -> 64
     ], key=str)
     y, _ = run_forward(*leaves, fmt=fmt, grad_cast="hp")
     calls.clear()  # the forward casts the weight
