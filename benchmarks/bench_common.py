@@ -1,6 +1,7 @@
 """Helpers shared by the GPU benchmark scripts (bench_layer, bench_train, bench_mx_gemm).
 
 * the run's environment (:func:`environment`) and its one-line summary (:func:`env_line`);
+* the transformers Llama of the training benchmarks (:data:`LLAMA_PRESETS`, :func:`llama_for_causal_lm`);
 * the arms: :class:`NotAvailable`, the recipe builders (:func:`torchao_float8`, :func:`build_mxrewrite`)
   with their availability checks, the ``--arms`` filter (:func:`select_arms`) and the result row of an
   arm that did not run (:func:`arm_not_run`);
@@ -59,6 +60,37 @@ def env_line(env: dict, packages: tuple[str, ...] = ("triton", "torchao")) -> st
 
 
 # ---------------------------------------------------------------------------------------------
+# The transformers Llama of bench_train and bench_distributed
+
+LLAMA_PRESETS = {
+    # ~1.10B parameters (0.97B in the decoder layers)
+    "1b": dict(vocab=32000, hidden=2048, layers=16, ffn=8192, heads=32, kv_heads=8),
+    # ~3.2B parameters: Llama-3.2-3B's layer shapes
+    "3b": dict(vocab=32000, hidden=3072, layers=28, ffn=8192, heads=24, kv_heads=8),
+    # Llama-3-8B's layer shapes, 8 layers (~1.9B parameters)
+    "8b-layers": dict(vocab=32000, hidden=4096, layers=8, ffn=14336, heads=32, kv_heads=8),
+    "smoke": dict(vocab=512, hidden=128, layers=2, ffn=256, heads=4, kv_heads=2),
+}
+
+
+def llama_for_causal_lm(preset: dict, seq: int, device, seed: int) -> torch.nn.Module:
+    """A float32 ``LlamaForCausalLM`` with random weights from ``seed``, built on ``device``: untied head,
+    SDPA attention, no KV cache, rope theta 500000."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=preset["vocab"], hidden_size=preset["hidden"], intermediate_size=preset["ffn"],
+        num_hidden_layers=preset["layers"], num_attention_heads=preset["heads"],
+        num_key_value_heads=preset["kv_heads"], max_position_embeddings=max(seq, 128), rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False,
+        attn_implementation="sdpa", use_cache=False,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlamaForCausalLM(config)
+
+
+# ---------------------------------------------------------------------------------------------
 # Arms
 
 
@@ -91,15 +123,20 @@ def torchao_missing() -> str | None:
     return None
 
 
-def torchao_float8(model: torch.nn.Module, recipe: str, **kwargs) -> torch.nn.Module:
-    """``convert_to_float8_training`` (in place) with ``Float8LinearConfig.from_recipe_name(recipe)``;
-    ``kwargs`` go to it (e.g. ``module_filter_fn``). :class:`NotAvailable` without ``torchao.float8``."""
+def torchao_float8(model: torch.nn.Module, recipe: str, config_overrides: dict | None = None,
+                   **kwargs) -> torch.nn.Module:
+    """``convert_to_float8_training`` (in place) with ``Float8LinearConfig.from_recipe_name(recipe)``, its
+    fields replaced by ``config_overrides``; ``kwargs`` go to it (e.g. ``module_filter_fn``).
+    :class:`NotAvailable` without ``torchao.float8``."""
     missing = torchao_missing()
     if missing:
         raise NotAvailable(missing)
+    import dataclasses
+
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    return convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), **kwargs)
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), **(config_overrides or {}))
+    return convert_to_float8_training(model, config=config, **kwargs)
 
 
 def build_mxrewrite(needs_fp8: bool, **kwargs):
@@ -116,6 +153,12 @@ def build_mxrewrite(needs_fp8: bool, **kwargs):
         return mxrewrite.optimize(model, (example,), progress=False, **kwargs)
 
     return build
+
+
+def converted_linears(module: torch.nn.Module) -> tuple[int, int]:
+    """(linears the recipe replaced, all linears): a replaced one is an ``nn.Linear`` of another class."""
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(1 for m in linears if type(m) is not torch.nn.Linear), len(linears)
 
 
 def select_arms(arms: list, spec: str) -> list:

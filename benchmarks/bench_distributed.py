@@ -69,17 +69,9 @@ import torch.nn as nn
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import NotAvailable, arm_not_run, env_line, environment, select_arms, torchao_missing  # noqa: E402
-
-PRESETS = {
-    # ~1.10B parameters, as bench_train
-    "1b": dict(vocab=32000, hidden=2048, layers=16, ffn=8192, heads=32, kv_heads=8),
-    # ~3.2B parameters: Llama-3.2-3B's layer shapes
-    "3b": dict(vocab=32000, hidden=3072, layers=28, ffn=8192, heads=24, kv_heads=8),
-    # Llama-3-8B's layer shapes, 8 layers (~1.9B parameters)
-    "8b-layers": dict(vocab=32000, hidden=4096, layers=8, ffn=14336, heads=32, kv_heads=8),
-    "smoke": dict(vocab=512, hidden=128, layers=2, ffn=256, heads=4, kv_heads=2),
-}
+from bench_common import (  # noqa: E402
+    LLAMA_PRESETS as PRESETS, arm_not_run, build_mxrewrite, converted_linears, env_line, environment,
+    llama_for_causal_lm, select_arms, torchao_float8)
 
 TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
            "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
@@ -95,53 +87,22 @@ class Arm:
     per_rank_scales: bool = False                # its casts round differently on each rank (see above)
 
 
-def _mxrewrite(**kwargs):
-    def build(model, example):
-        import mxrewrite
-
-        return mxrewrite.optimize(model, (example,), progress=False, **kwargs)
-
-    return build
-
-
 def _torchao_tensorwise(model, example):
-    missing = torchao_missing()
-    if missing:
-        raise NotAvailable(missing)
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    config = Float8LinearConfig.from_recipe_name("tensorwise")
-    config = Float8LinearConfig(**{**config.__dict__, "enable_fsdp_float8_all_gather": True})
-    return convert_to_float8_training(model, config=config, module_filter_fn=lambda mod, fqn: fqn != "lm_head")
+    return torchao_float8(model, "tensorwise", {"enable_fsdp_float8_all_gather": True},
+                          module_filter_fn=lambda mod, fqn: fqn != "lm_head")
 
 
 ARMS = [
     Arm("bf16", "bf16", lambda model, example: model),
     Arm("torchao float8 tensorwise", "torchao", _torchao_tensorwise, per_rank_scales=True),
-    Arm("mxrewrite fp8 rmsnorm", "mxrewrite", _mxrewrite(format="fp8", norm="rmsnorm", linears="all")),
-    Arm("mxrewrite fp8 mxnorm", "mxrewrite", _mxrewrite(format="fp8", norm="mxnorm", linears="all")),
-    Arm("mxrewrite mxfp8 mxnorm", "mxrewrite", _mxrewrite(format="mxfp8", norm="mxnorm")),
+    Arm("mxrewrite fp8 rmsnorm", "mxrewrite", build_mxrewrite(True, format="fp8", norm="rmsnorm", linears="all")),
+    Arm("mxrewrite fp8 mxnorm", "mxrewrite", build_mxrewrite(True, format="fp8", norm="mxnorm", linears="all")),
+    Arm("mxrewrite mxfp8 mxnorm", "mxrewrite", build_mxrewrite(False, format="mxfp8", norm="mxnorm")),
 ]
 
 
 # ---------------------------------------------------------------------------------------------
 # The model and its parallelisation
-
-
-def build_model(preset: dict, seq: int, device: torch.device, seed: int) -> nn.Module:
-    """The same float32 ``LlamaForCausalLM`` on every rank (same seed, built on ``device``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=preset["vocab"], hidden_size=preset["hidden"], intermediate_size=preset["ffn"],
-        num_hidden_layers=preset["layers"], num_attention_heads=preset["heads"],
-        num_key_value_heads=preset["kv_heads"], max_position_embeddings=max(seq, 128), rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False,
-        attn_implementation="sdpa", use_cache=False,
-    )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        return LlamaForCausalLM(config)
 
 
 def apply_tp(model: nn.Module, tp_mesh, torchao: bool) -> None:
@@ -258,12 +219,12 @@ def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.d
     torch._dynamo.utils.counters.clear()
     preset = PRESETS[args.preset]
     t_build = time.perf_counter()
-    model = build_model(preset, args.seq, device, seed=0)
+    model = llama_for_causal_lm(preset, args.seq, device, seed=0)   # the same on every rank
     initial = {_canonical(n): p.detach().float().cpu() for n, p in model.named_parameters()} \
         if args.reference and layout.world == 1 else None
     model = arm.recipe(model, ids[:1, : min(ids.shape[1], 128)])
     model.train()
-    converted = sum(1 for m in model.modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear)
+    converted, _ = converted_linears(model)
     if layout.tp_mesh is not None:
         apply_tp(model, layout.tp_mesh, arm.kind == "torchao")
     apply_compile_and_ac(model, args.compile == "layers", args.ac)

@@ -55,29 +55,10 @@ import torch.nn as nn
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    arm_not_run, build_mxrewrite, env_line, environment, select_arms, torchao_float8)
+    LLAMA_PRESETS, arm_not_run, build_mxrewrite, converted_linears, env_line, environment, llama_for_causal_lm,
+    select_arms, torchao_float8)
 
-PRESETS = {
-    # ~1.10B parameters (0.97B in the decoder layers)
-    "1b": dict(vocab=32000, hidden=2048, layers=16, ffn=8192, heads=32, kv_heads=8),
-    "smoke": dict(vocab=512, hidden=128, layers=2, ffn=256, heads=4, kv_heads=2),
-}
-
-
-def build_model(preset: dict, seq: int, device: str, seed: int) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=preset["vocab"], hidden_size=preset["hidden"], intermediate_size=preset["ffn"],
-        num_hidden_layers=preset["layers"], num_attention_heads=preset["heads"],
-        num_key_value_heads=preset["kv_heads"], max_position_embeddings=max(seq, 128), rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False,
-        attn_implementation="sdpa", use_cache=False,
-    )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(torch.bfloat16)
+PRESETS = {name: LLAMA_PRESETS[name] for name in ("1b", "smoke")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,12 +87,6 @@ ARMS = [
     Arm("mxrewrite fp8 mxnorm", "mxrewrite-fp8", build_mxrewrite(True, format="fp8", norm="mxnorm", linears="all")),
     Arm("mxrewrite mxfp8 mxnorm (norm-fed)", "mx", build_mxrewrite(False, format="mxfp8", norm="mxnorm")),
 ]
-
-
-def converted_linears(module: nn.Module) -> tuple[int, int]:
-    """(linears the recipe replaced, all linears): a replaced one is an ``nn.Linear`` of another class."""
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    return sum(1 for m in linears if type(m) is not nn.Linear), len(linears)
 
 
 def compile_model(model: nn.Module, how: str) -> nn.Module:
@@ -217,7 +192,7 @@ def main() -> None:
     env = environment()
     print(json.dumps(env), flush=True)
     preset = PRESETS[args.preset]
-    base = build_model(preset, args.seq, device, seed=0).cpu()  # master copy, off the GPU
+    base = llama_for_causal_lm(preset, args.seq, device, seed=0).to(torch.bfloat16).cpu()  # master copy, off the GPU
     n_params = sum(p.numel() for p in base.parameters())
     n_layer_params = sum(p.numel() for p in base.model.layers.parameters())
     gen = torch.Generator(device=device).manual_seed(1)

@@ -44,15 +44,7 @@ LINEARS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
 
 
 def _torchao(recipe: str, **overrides):
-    def build(layer, example):
-        if not overrides:
-            return torchao_float8(layer, recipe)
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-        base = Float8LinearConfig.from_recipe_name(recipe)
-        return convert_to_float8_training(layer, config=Float8LinearConfig(**{**base.__dict__, **overrides}))
-
-    return build
+    return lambda layer, example: torchao_float8(layer, recipe, overrides)
 
 
 def _mxrewrite(norm: str, grad_cast: str = "mx"):
