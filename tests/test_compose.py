@@ -464,15 +464,15 @@ def test_per_layer_compile_with_calibrated_rescale_compiles_once():
     assert backend.compiles == 1
 
 
-def test_calibrated_constants_beyond_the_recompile_limit_are_reported(monkeypatch, caplog):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+def test_calibrated_constants_beyond_the_recompile_limit_are_reported(caplog):
     caplog.set_level(logging.WARNING, logger="mxrewrite")
     z = zoo.build("torchtitan_llama")
-    optimize(z.model, z.args, rescale="calibrated", progress=False)
-    assert "raise that limit above the number of layers" in caplog.text
-    caplog.clear()
-    optimize(z.model, z.args, rescale="gaussian", progress=False)
-    assert "recompile_limit" not in caplog.text
+    with torch._dynamo.config.patch(recompile_limit=3):
+        optimize(z.model, z.args, rescale="calibrated", progress=False)
+        assert "raise that limit above the number of layers" in caplog.text
+        caplog.clear()
+        optimize(z.model, z.args, rescale="gaussian", progress=False)
+        assert "recompile_limit" not in caplog.text
 
 
 # ---------------------------------------------------------------------------
