@@ -1,7 +1,8 @@
-"""Accuracy of the FP8 training recipes on a Llama-3-8B layer, forward and backward, against float32.
+"""Accuracy of the FP8 (and MXFP8) training recipes on a Llama-3-8B layer, forward and backward, against float32.
 
 The layer of bench_layer.py (same shapes, same construction), bf16 weights, ``--tokens`` tokens of a
-standard normal input and a standard normal output gradient, run eagerly (no compile: every arm runs
+standard normal input and a standard normal output gradient (``--heavy-tails``: 8 input channels 30 times
+larger and a Student-t output gradient, the outliers trained models show), run eagerly (no compile: every arm runs
 its casts and GEMMs as written). Against the same layer in float32 on the same bf16 values it reports
 the relative L2 error of:
 
@@ -12,7 +13,8 @@ the relative L2 error of:
 Arms: bf16; torchao float8 tensorwise, tensorwise with power-of-two scales (``round_scales_to_power_of_2``),
 rowwise (all 7 linears); mxrewrite ``format="fp8", linears="all"`` with exact RMSNorm and with MXNorm (its
 error includes MXNorm's estimate, which is not RMSNorm: compare it with the rmsnorm arm for the casts), and
-with exact RMSNorm and e4m3 gradients (``grad_cast="e4m3"``);
+with exact RMSNorm and e4m3 gradients (``grad_cast="e4m3"``); for comparison the MXFP8 recipe on all 7 linears
+(blocks of 32 with power-of-two scales; e5m2 or e4m3 gradients);
 on a GPU also mxrewrite rmsnorm with the forward GEMMs accumulating exactly (no fast accumulation).
 On CPU the FP8 GEMMs are emulated exactly (dequantised operands, float32 products): the casts' error
 alone; on the GPU ``torch._scaled_mm`` adds its accumulation.
@@ -47,11 +49,11 @@ def _torchao(recipe: str, **overrides):
     return lambda layer, example: torchao_float8(layer, recipe, overrides)
 
 
-def _mxrewrite(norm: str, grad_cast: str = "mx"):
+def _mxrewrite(norm: str, grad_cast: str = "mx", fmt: str = "fp8"):
     def build(layer, example):
         import mxrewrite
 
-        return mxrewrite.optimize(layer, (example,), format="fp8", norm=norm, linears="all", grad_cast=grad_cast,
+        return mxrewrite.optimize(layer, (example,), format=fmt, norm=norm, linears="all", grad_cast=grad_cast,
                                   progress=False)
 
     return build
@@ -78,6 +80,8 @@ ARMS = [
     Arm("mxrewrite fp8 rmsnorm", "mxrewrite-fp8", _mxrewrite("rmsnorm")),
     Arm("mxrewrite fp8 mxnorm", "mxrewrite-fp8", _mxrewrite("mxnorm")),
     Arm("mxrewrite fp8 rmsnorm, e4m3 gradients", "mxrewrite-fp8", _mxrewrite("rmsnorm", "e4m3")),
+    Arm("mxrewrite mxfp8 rmsnorm", "mxrewrite-mx", _mxrewrite("rmsnorm", fmt="mxfp8")),
+    Arm("mxrewrite mxfp8 rmsnorm, e4m3 gradients", "mxrewrite-mx", _mxrewrite("rmsnorm", "e4m3", fmt="mxfp8")),
     Arm("mxrewrite fp8 rmsnorm, exact accumulation", "mxrewrite-fp8-exact", _mxrewrite("rmsnorm")),
 ]
 
@@ -110,6 +114,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--seeds", default="0,7", help="comma-separated: weights from seed s, input from s + 1")
     parser.add_argument("--arms", default="", help="comma-separated substrings of the arm names (bf16 always runs)")
+    parser.add_argument("--heavy-tails", action="store_true",
+                        help="outliers as trained models have them: 8 input channels x 30, and a Student-t (3 dof) "
+                        "output gradient, instead of standard normal input and gradient")
     parser.add_argument("--smoke", action="store_true", help="tiny layer (d 256), 64 tokens, one seed")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -125,8 +132,14 @@ def main() -> None:
         torch.manual_seed(seed)
         base = Llama3Layer(**shape, max_seq=max(tokens, 128)).to(device=device, dtype=torch.bfloat16)
         gen = torch.Generator(device=device).manual_seed(seed + 1)
-        x = torch.randn(1, tokens, shape["dim"], device=device, dtype=torch.bfloat16, generator=gen)
+        x = torch.randn(1, tokens, shape["dim"], device=device, generator=gen)
         grad_out = torch.randn(1, tokens, shape["dim"], device=device, generator=gen)
+        if args.heavy_tails:
+            x[..., :: shape["dim"] // 8] *= 30.0
+            # Student-t with 3 degrees of freedom: normal / sqrt(chi2_3 / 3)
+            chi2 = torch.randn(3, *grad_out.shape, device=device, generator=gen).pow(2).sum(0)
+            grad_out = grad_out / (chi2 / 3).sqrt()
+        x = x.to(torch.bfloat16)
         reference = _run(copy.deepcopy(base).float(), x.float(), grad_out)
         for arm in arms:
             try:
@@ -148,7 +161,8 @@ def main() -> None:
             continue
         rows.append([arm.name] + [" / ".join(f"{r[key]:.5f}" for r in ok)
                                   for key in ("branch_err", "grad_x_err", "grad_w_err_mean")])
-    desc = (f"Llama-3-8B layer {shape}, {tokens} tokens, bf16, eager, relative L2 error against float32; "
+    data = "8 input channels x 30, Student-t(3) output gradient" if args.heavy_tails else "standard normal data"
+    desc = (f"Llama-3-8B layer {shape}, {tokens} tokens, {data}, bf16, eager, relative L2 error against float32; "
             f"seeds {' / '.join(map(str, seeds))}")
     table = tabulate(rows, ["arm", "branch rel err", "input grad rel err", "weight grads rel err (mean of 7)"],
                      tablefmt="github")
