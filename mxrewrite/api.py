@@ -179,6 +179,43 @@ def _calibrated(model: nn.Module, sites: list[ModuleSite], config: RewriteConfig
             for s in sites]
 
 
+# how far MXNorm's estimate may read from the RMS on the example inputs before optimize() says so
+ESTIMATE_TOLERANCE = 0.25
+
+
+def _check_estimates(model: nn.Module, sites: list[ModuleSite], config: RewriteConfig, inputs: Inputs) -> None:
+    """Warn where MXNorm with the Gaussian constant reads the example inputs' RMS badly.
+
+    c'(p, B) assumes Gaussian rows: right for a model being trained from scratch, wrong by a large factor
+    where a few channels dominate (a pretrained model's massive activations put an outlier in some blocks,
+    and the power mean of the block maxima grows far more than the RMS): the rewritten model then computes a
+    differently scaled norm there. One forward of the original model on the example inputs measures it
+    (``RMS / M_p`` per site, as calibration does), in eval mode: no dropout draws from the user's random
+    stream, no running statistics change."""
+    norms = [s.norm for s in sites if s.rewritten]
+    if config.norm != "mxnorm" or config.rescale != "gaussian" or not norms:
+        return
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        measured = measure_corrections(model, norms, [split_inputs(inputs)], p=config.p, block_size=config.block_size)
+    except MXRewriteError:  # no non-zero rows to measure
+        return
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    # the estimate r = c' * M_p reads the RMS as c' / (RMS / M_p)
+    reads = {name: config.default_correction() / c for name, c in measured.items()}
+    off = {name: r for name, r in reads.items() if abs(r - 1.0) > ESTIMATE_TOLERANCE}
+    if off:
+        worst = sorted(off.items(), key=lambda item: -abs(item[1] - 1.0))[:3]
+        log.warning("mxrewrite: on the example inputs MXNorm's estimate reads the RMS at %s at %d of %d sites "
+                    "(outlier channels; a trained model's massive activations do this): those norms will scale "
+                    "their output differently from the original. For a pretrained model use norm='rmsnorm', or "
+                    "rescale='calibrated' with representative calibration_data, and check with verify().",
+                    ", ".join(f"{ratio:.2f}x ({name})" for name, ratio in worst), len(off), len(reads))
+
+
 def _warn_per_layer_compile(constants: int) -> None:
     """torch.compile specialises on each site's calibrated constant (a float argument of ``norm_cast``): compiling
     each decoder layer on its own (torchtitan's per-layer compile) compiles every layer again, and dynamo stops at
@@ -207,6 +244,8 @@ def _build(model: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig,
             bar.set_postfix_str(stages[1], refresh=False)
             data = calibration_data if calibration_data is not None else [(*args, kwargs)]
             sites = _calibrated(model, sites, config, data)
+        else:
+            _check_estimates(model, sites, config, (*args, kwargs))
         bar.update()
         bar.set_postfix_str(stages[2], refresh=False)
         rewrite(model, sites, found.linears, config)

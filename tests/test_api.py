@@ -155,3 +155,37 @@ def test_train_and_eval_switch_freely():
         opt.eval()
         assert not opt.training and all(not m.training for m in opt.modules())
         torch.testing.assert_close(opt(*z.args), opt(*z.args), rtol=0, atol=0)
+
+
+class _NormThenLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(D)
+        self.proj = torch.nn.Linear(D, D)
+        self.drop = torch.nn.Dropout(0.5)
+        self.head = torch.nn.Linear(D, 8)
+
+    def forward(self, x):
+        return self.head(self.drop(self.proj(self.norm(x))))
+
+
+def test_an_estimate_far_from_the_rms_is_reported(caplog):
+    """Outlier channels (a pretrained model's massive activations) make MXNorm's Gaussian-constant estimate
+    read the RMS several times too high: optimize says where and what to do; Gaussian rows pass silently, and
+    the measuring forward leaves the modules' modes and the random stream as they were."""
+    caplog.set_level("WARNING", logger="mxrewrite")
+    model = _NormThenLinear().train()
+    x = torch.randn(2, 16, D, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    assert len(get_report(optimize(model, (x,), progress=False)).rewritten) == 1
+    assert "estimate reads the RMS" not in caplog.text
+    assert torch.equal(torch.random.get_rng_state(), state) and model.training and model.drop.training
+
+    outliers = x.clone()
+    outliers[..., :: D // 4] *= 30.0
+    optimize(model, (outliers,), progress=False)
+    assert "estimate reads the RMS at" in caplog.text and "(norm)" in caplog.text and "norm='rmsnorm'" in caplog.text
+    caplog.clear()
+    for quiet in (dict(norm="rmsnorm"), dict(rescale="calibrated")):
+        optimize(model, (outliers,), progress=False, **quiet)
+        assert "estimate reads the RMS" not in caplog.text
