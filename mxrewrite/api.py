@@ -195,6 +195,8 @@ def _check_estimates(model: nn.Module, sites: list[ModuleSite], config: RewriteC
     norms = [s.norm for s in sites if s.rewritten]
     if config.norm != "mxnorm" or config.rescale != "gaussian" or not norms:
         return
+    if any(p.is_meta for p in model.parameters()):  # nothing to measure on a model not materialised yet
+        return
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
