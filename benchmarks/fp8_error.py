@@ -12,7 +12,8 @@ the relative L2 error of:
 
 Arms: bf16; torchao float8 tensorwise, tensorwise with power-of-two scales (``round_scales_to_power_of_2``),
 rowwise (all 7 linears); mxrewrite ``format="fp8", linears="all"`` with exact RMSNorm and with MXNorm (its
-error includes MXNorm's estimate, which is not RMSNorm: compare it with the rmsnorm arm for the casts), and
+error includes MXNorm's estimate, which is not RMSNorm: compare it with the rmsnorm arm for the casts; and
+calibrated on the measured input, ``rescale="calibrated"``), and
 with exact RMSNorm and e4m3 gradients (``grad_cast="e4m3"``); for comparison the MXFP8 recipe on all 7 linears
 (blocks of 32 with power-of-two scales; e5m2 or e4m3 gradients);
 on a GPU also mxrewrite rmsnorm with the forward GEMMs accumulating exactly (no fast accumulation).
@@ -49,12 +50,12 @@ def _torchao(recipe: str, **overrides):
     return lambda layer, example: torchao_float8(layer, recipe, overrides)
 
 
-def _mxrewrite(norm: str, grad_cast: str = "mx", fmt: str = "fp8"):
+def _mxrewrite(norm: str, grad_cast: str = "mx", fmt: str = "fp8", rescale: str = "gaussian"):
     def build(layer, example):
         import mxrewrite
 
         return mxrewrite.optimize(layer, (example,), format=fmt, norm=norm, linears="all", grad_cast=grad_cast,
-                                  progress=False)
+                                  rescale=rescale, progress=False)
 
     return build
 
@@ -79,6 +80,7 @@ ARMS = [
     Arm("torchao float8 rowwise", "torchao", _torchao("rowwise")),
     Arm("mxrewrite fp8 rmsnorm", "mxrewrite-fp8", _mxrewrite("rmsnorm")),
     Arm("mxrewrite fp8 mxnorm", "mxrewrite-fp8", _mxrewrite("mxnorm")),
+    Arm("mxrewrite fp8 mxnorm, calibrated", "mxrewrite-fp8", _mxrewrite("mxnorm", rescale="calibrated")),
     Arm("mxrewrite fp8 rmsnorm, e4m3 gradients", "mxrewrite-fp8", _mxrewrite("rmsnorm", "e4m3")),
     Arm("mxrewrite mxfp8 rmsnorm", "mxrewrite-mx", _mxrewrite("rmsnorm", fmt="mxfp8")),
     Arm("mxrewrite mxfp8 rmsnorm, e4m3 gradients", "mxrewrite-mx", _mxrewrite("rmsnorm", "e4m3", fmt="mxfp8")),
