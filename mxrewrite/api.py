@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mxrewrite.config import RewriteConfig
 from mxrewrite.errors import CaptureError, ConfigError, MXRewriteError
 from mxrewrite.modules import replacement_for
-from mxrewrite.passes.calibrate import measure_corrections
+from mxrewrite.passes.calibrate import check_estimates, measure_corrections, warn_per_layer_compile
 from mxrewrite.passes.capture import capture
 from mxrewrite.passes.linear_plan import LinearChoice, other_linears
 from mxrewrite.passes.lower import lower
@@ -174,63 +174,9 @@ def _calibrated(model: nn.Module, sites: list[ModuleSite], config: RewriteConfig
     norms = [s.norm for s in sites if s.rewritten]
     corrections = measure_corrections(model, norms, (split_inputs(d) for d in data), p=config.p,
                                       block_size=config.block_size)
-    _warn_per_layer_compile(len(set(corrections.values())))
+    warn_per_layer_compile(len(set(corrections.values())))
     return [replace(s, settings=s.settings._replace(correction=corrections[s.norm])) if s.rewritten else s
             for s in sites]
-
-
-# how far MXNorm's estimate may read from the RMS on the example inputs before optimize() says so
-ESTIMATE_TOLERANCE = 0.25
-
-
-def _check_estimates(model: nn.Module, sites: list[ModuleSite], config: RewriteConfig, inputs: Inputs) -> None:
-    """Warn where MXNorm with the Gaussian constant reads the example inputs' RMS badly.
-
-    c'(p, B) assumes Gaussian rows: right for a model being trained from scratch, wrong by a large factor
-    where a few channels dominate (a pretrained model's massive activations put an outlier in some blocks,
-    and the power mean of the block maxima grows far more than the RMS): the rewritten model then computes a
-    differently scaled norm there. One forward of the original model on the example inputs measures it
-    (``RMS / M_p`` per site, as calibration does), in eval mode: no dropout draws from the user's random
-    stream, no running statistics change."""
-    norms = [s.norm for s in sites if s.rewritten]
-    if config.norm != "mxnorm" or config.rescale != "gaussian" or not norms:
-        return
-    if any(p.is_meta for p in model.parameters()):  # nothing to measure on a model not materialised yet
-        return
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        measured = measure_corrections(model, norms, [split_inputs(inputs)], p=config.p, block_size=config.block_size)
-    except MXRewriteError:  # no non-zero rows to measure
-        return
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    # the estimate r = c' * M_p reads the RMS as c' / (RMS / M_p)
-    reads = {name: config.default_correction() / c for name, c in measured.items()}
-    off = {name: r for name, r in reads.items() if abs(r - 1.0) > ESTIMATE_TOLERANCE}
-    if off:
-        worst = sorted(off.items(), key=lambda item: -abs(item[1] - 1.0))[:3]
-        log.warning("mxrewrite: on the example inputs MXNorm's estimate reads the RMS at %s at %d of %d sites "
-                    "(outlier channels; a trained model's massive activations do this): those norms will scale "
-                    "their output differently from the original. For a pretrained model use norm='rmsnorm', or "
-                    "rescale='calibrated' with representative calibration_data, and check with verify().",
-                    ", ".join(f"{ratio:.2f}x ({name})" for name, ratio in worst), len(off), len(reads))
-
-
-def _warn_per_layer_compile(constants: int) -> None:
-    """torch.compile specialises on each site's calibrated constant (a float argument of ``norm_cast``): compiling
-    each decoder layer on its own (torchtitan's per-layer compile) compiles every layer again, and dynamo stops at
-    its recompile limit (an error under ``fullgraph=True``, eager layers otherwise). Whole-model compile is not
-    affected. Say so when the constants outnumber the limit."""
-    config = torch._dynamo.config
-    limit = getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8))
-    if constants > limit:
-        log.warning("mxrewrite: rescale='calibrated' gave %d different constants; torch.compile of each layer on its "
-                    "own compiles every layer again (one constant per site) and stops at "
-                    "torch._dynamo.config.recompile_limit = %d. With per-layer compile, raise that limit above the "
-                    "number of layers, or use rescale='gaussian'; compiling the whole model is not affected.",
-                    constants, limit)
 
 
 def _build(model: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig,
@@ -246,8 +192,9 @@ def _build(model: nn.Module, args: tuple, kwargs: dict, config: RewriteConfig,
             bar.set_postfix_str(stages[1], refresh=False)
             data = calibration_data if calibration_data is not None else [(*args, kwargs)]
             sites = _calibrated(model, sites, config, data)
-        else:
-            _check_estimates(model, sites, config, (*args, kwargs))
+        elif config.norm == "mxnorm" and config.rescale == "gaussian":
+            check_estimates(model, [s.norm for s in sites if s.rewritten], [(args, kwargs)], p=config.p,
+                            block_size=config.block_size, correction=config.default_correction())
         bar.update()
         bar.set_postfix_str(stages[2], refresh=False)
         rewrite(model, sites, found.linears, config)
