@@ -1,4 +1,4 @@
-"""FSDP2 and tensor parallelism applied to an optimized model, on CPU with gloo (DESIGN.md, "Composition is
+"""FSDP2, DDP and tensor parallelism applied to an optimized model, on CPU with gloo (DESIGN.md, "Composition is
 part of correctness").
 
 Each scenario optimizes a zoo model, parallelizes the result over 2 ranks and takes one training step
@@ -11,6 +11,8 @@ sharded weight) and that the MX modules really ran the fused path under it.
 * FSDP2: ``fully_shard`` on each decoder layer, then on the root, after ``optimize``. Data parallel:
   each rank gets one sequence of the two-sequence batch (the reference sees both), so the loss is the
   mean of the ranks' losses and FSDP's averaged gradients are the full batch's.
+* DDP: ``DistributedDataParallel`` around the optimized model, each rank one sequence as under FSDP2: its
+  gradients equal the full batch's only if DDP all-reduced them.
 * TP: ``parallelize_module`` of the torchtitan-style layers, ``ColwiseParallel`` on wq/wk/wv/w1/w3
   (the MX linears) and ``RowwiseParallel`` on wo/w2, over a 2-rank ``DeviceMesh``; both ranks see
   the whole batch.
@@ -62,7 +64,7 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 class Scenario:
     name: str
     model: str           # zoo name
-    parallel: str        # "fsdp" | "tp"
+    parallel: str        # "fsdp" | "ddp" | "tp"
     grad_cast: str       # "hp" | "mx"
     split_batch: bool    # data parallel: rank r gets sequence r (FSDP); otherwise the whole batch
     linears: str = "norm-fed"   # "all": wo and w2 cast their own inputs too (RowwiseParallel under TP)
@@ -92,6 +94,8 @@ SCENARIOS = {s.name: s for s in (
     # under TP a rank's half of w2's input has a larger scale than the whole, so a few of its tiny elements
     # keep a bit more precision: 0.1% of w2's weight gradient differ, by about 2e-6 of its largest element
     Scenario("fsdp_torchtitan_llama_fp8", "torchtitan_llama", "fsdp", "mx", True, "all", "fp8"),
+    Scenario("ddp_llama", "llama", "ddp", "hp", True),
+    Scenario("ddp_torchtitan_llama_fp8", "torchtitan_llama", "ddp", "mx", True, "all", "fp8"),
     Scenario("tp_torchtitan_llama_fp8", "torchtitan_llama", "tp", "mx", False, "all", "fp8", atol_rel=1e-5),
 )}
 
@@ -120,10 +124,12 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 
 
-def _loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def _loss(model: nn.Module, tokens: torch.Tensor, runner: nn.Module | None = None) -> torch.Tensor:
+    """The LM loss of ``model`` on ``tokens``, called through ``runner`` (a wrapper such as DDP) when given."""
+    runner = runner or model
     if _is_hf(model):
-        return model(tokens, labels=tokens).loss          # the transformers loss path
-    logits = model(tokens)
+        return runner(tokens, labels=tokens).loss          # the transformers loss path
+    logits = runner(tokens)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
 
 
@@ -166,13 +172,14 @@ def _cast_gemm_calls():
         functions.OwnCastLinear.forward = staticmethod(own)
 
 
-def _step(model: nn.Module, tokens: torch.Tensor, world: int, counter: MXCallCounter) -> dict:
+def _step(model: nn.Module, tokens: torch.Tensor, world: int, counter: MXCallCounter,
+          runner: nn.Module | None = None) -> dict:
     """Loss, gradients and parameters after one AdamW step (all full tensors), and what ran fused.
 
     ``counter`` is made before the model is parallelized, so its hooks see the MX modules' own inputs
-    (a TP input hook turns them into DTensors afterwards)."""
+    (a TP input hook turns them into DTensors afterwards); ``runner`` wraps ``model`` (DDP)."""
     with _cast_gemm_calls() as gemms:
-        loss = _loss(model, tokens)
+        loss = _loss(model, tokens, runner)
         loss.backward()
     counter.remove()
     loss = loss.detach()
@@ -228,12 +235,16 @@ def _run_scenario(scenario: Scenario, rank: int) -> dict:
     torch.manual_seed(0)
     model, tokens = _build(scenario)
     counter = MXCallCounter(model)
-    mesh = init_device_mesh("cpu", (WORLD,))
-    (_fsdp if scenario.parallel == "fsdp" else _tp)(model, mesh)
+    runner = None
+    if scenario.parallel == "ddp":
+        runner = nn.parallel.DistributedDataParallel(model)
+    else:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        (_fsdp if scenario.parallel == "fsdp" else _tp)(model, mesh)
     placements = _placements(model)
     if scenario.split_batch:
         tokens = tokens.chunk(WORLD)[rank]
-    result = _step(model, tokens, WORLD, counter)
+    result = _step(model, tokens, WORLD, counter, runner)
     result["placements"] = placements
     if scenario.parallel == "tp":
         result["plain_input_error"] = _plain_input_error(model, tokens)
@@ -441,5 +452,16 @@ def test_tensor_parallel_after_optimize(name, runs):
     # rank's columns of the rowwise-sharded weights
     local = {"fused": lambda r, c: (r // WORLD, c), "own": lambda r, c: (r, c // WORLD)}
     assert sorted(got["gemms"]) == sorted((kind, local[kind](*shape)) for kind, shape in ref["gemms"])
+    _check_fused(got, ref, SCENARIOS[name])
+    _check_against_reference(got, ref, SCENARIOS[name])
+
+
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.parallel == "ddp"])
+def test_ddp_after_optimize(name, runs):
+    result, reference = runs
+    got, ref = result(name), reference(name)
+    # DDP keeps every parameter whole on every rank
+    assert all(placements is None and full == local for placements, full, local in got["placements"].values())
+    assert sorted(got["gemms"]) == sorted(ref["gemms"])
     _check_fused(got, ref, SCENARIOS[name])
     _check_against_reference(got, ref, SCENARIOS[name])
