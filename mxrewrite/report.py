@@ -85,6 +85,7 @@ class Report:
     sites: tuple[Site, ...]
     rejected: tuple[Rejected, ...] = field(default=())
     linears: tuple[LinearRow, ...] = field(default=())
+    grad_cast: str = "mx"
 
     @property
     def rewritten(self) -> tuple[Site, ...]:
@@ -124,7 +125,8 @@ class Report:
 
     def _tables(self, tablefmt: str) -> list[tuple[str, str]]:
         title = (f"mxrewrite report: format={self.format} norm={self.norm}"
-                 + (f" p={self.p} rescale={self.rescale_mode}" if self.norm == "mxnorm" else ""))
+                 + (f" p={self.p} rescale={self.rescale_mode}" if self.norm == "mxnorm" else "")
+                 + f" grad_cast={self.grad_cast}")
         tables = [(title, "")]
         if self.rewritten:
             tables.append((f"Rewritten sites ({len(self.rewritten)})",
@@ -212,4 +214,4 @@ def build_report(config: RewriteConfig, sites: list[ModuleSite], rejected: list[
             rows.append(Site(consumers=(), **common))
     return Report(config.format, config.norm, config.p, config.rescale, tuple(rows),
                   tuple(Rejected(r.name, r.reason) for r in rejected),
-                  _linear_rows(sites, linears) if config.linears == "all" else ())
+                  _linear_rows(sites, linears) if config.linears == "all" else (), config.grad_cast)

@@ -64,3 +64,11 @@ def test_consumer_names_are_shown_next_to_the_norm():
         "self_attn.q_proj"
     assert _relative_to_parent("lm_head", "model.norm") == "lm_head"
     assert _relative_to_parent("up", "block_norm") == "up"
+
+
+def test_the_title_names_the_gradient_cast():
+    x = torch.randn(2, 8, D)
+    for grad_cast in ("mx", "e4m3", "hp"):
+        report = get_report(optimize(FanOut(), (x,), grad_cast=grad_cast, progress=False))
+        assert report.grad_cast == grad_cast and json.loads(report.to_json())["grad_cast"] == grad_cast
+        assert f"grad_cast={grad_cast}" in str(report).splitlines()[0]
