@@ -182,6 +182,20 @@ def arm_not_run(arm, exc: Exception, device: str) -> dict:
 # Timing
 
 
+def sync(device) -> None:
+    """Wait for ``device`` (a ``torch.device`` or its type name) when it is a GPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def allow_recompiles(limit: int = 64) -> None:
+    """Let dynamo keep ``limit`` graphs per frame (per-layer compile of several arms in one process would
+    otherwise fall back to eager silently): ``recompile_limit``, ``cache_size_limit`` on older torch."""
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, limit)
+
+
 def bench_ms(fn, warmup_ms: int, rep_ms: int, cpu_runs: int = 3) -> float:
     """Median ms of ``fn``: triton's do_bench on a GPU; on CPU (smoke runs only) one untimed call, then
     the wall-clock median of ``cpu_runs`` calls."""

@@ -72,8 +72,8 @@ import torch.nn as nn
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    LLAMA_PRESETS as PRESETS, arm_not_run, build_mxrewrite, converted_linears, env_line, environment,
-    llama_for_causal_lm, select_arms, torchao_float8)
+    LLAMA_PRESETS as PRESETS, allow_recompiles, arm_not_run, build_mxrewrite, converted_linears, env_line,
+    environment, llama_for_causal_lm, select_arms, sync, torchao_float8)
 
 TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
            "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
@@ -207,11 +207,6 @@ def make_layout(device_type: str, tp: int, group=None) -> Layout:
         return Layout(world, world, 1, mesh, None, mesh.get_local_rank())
     mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
     return Layout(world, world // tp, tp, mesh["dp"], mesh["tp"], mesh["dp"].get_local_rank())
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.device, log) -> dict:
@@ -367,9 +362,7 @@ def main(argv=None) -> None:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(1)
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 64)
+    allow_recompiles(64)
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:

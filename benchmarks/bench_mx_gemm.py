@@ -48,13 +48,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
 import json
 import math
 import multiprocessing
 import os
-import platform
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -66,7 +63,7 @@ import torch
 # always when it is imported (tests)
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import bench_ms  # noqa: E402
+from bench_common import bench_ms, env_line, environment  # noqa: E402
 
 M_TOKENS = 16384
 SMALL_M = (16, 256, 2048)
@@ -289,25 +286,6 @@ def run(sweep: bool, rep_ms: int) -> tuple[list[Timing], list[Timing], list[Chec
                                          _config_str(cfg)))
             del a, b
     return timings, sweep_rows, checks
-
-
-def environment() -> dict:
-    cuda = torch.cuda.is_available()
-    env = {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
-        "capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else "-",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "command": "python " + shlex.join(sys.argv),
-    }
-    for pkg in ("triton", "torchao"):
-        try:
-            env[pkg] = __import__(pkg).__version__
-        except Exception:  # noqa: BLE001
-            env[pkg] = "not installed"
-    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,8 +566,7 @@ def main() -> None:
         with open(os.path.join(args.out, "fp8_gemm_table.md"), "w") as f:
             f.write(fp8_table + "\n\n" + summary["verdict"] + "\n")
 
-    print(f"\n{env['device']} (sm_{env['capability']}), {env['date_utc']} UTC, torch {env['torch']}, "
-          f"CUDA {env['cuda']}, triton {env['triton']}, torchao {env['torchao']}, Python {env['python']}")
+    print(f"\n{env_line(env)}, CUDA {env.get('cuda', '-')}")
     print(f"command: {env['command']}")
     if table:
         print("\nMX GEMMs: TFLOP/s, median of do_bench")

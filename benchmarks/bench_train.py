@@ -55,8 +55,8 @@ import torch.nn as nn
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    LLAMA_PRESETS, arm_not_run, build_mxrewrite, converted_linears, env_line, environment, llama_for_causal_lm,
-    select_arms, torchao_float8)
+    LLAMA_PRESETS, allow_recompiles, arm_not_run, build_mxrewrite, converted_linears, env_line, environment,
+    llama_for_causal_lm, select_arms, sync, torchao_float8)
 
 PRESETS = {name: LLAMA_PRESETS[name] for name in ("1b", "smoke")}
 
@@ -97,11 +97,6 @@ def compile_model(model: nn.Module, how: str) -> nn.Module:
     for layer in model.model.layers:
         layer.compile(fullgraph=True, dynamic=False)
     return model
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_arm(arm: Arm, base: nn.Module, ids: torch.Tensor, args, device: str, t0: float) -> dict:
@@ -182,9 +177,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # 16 decoder layers compiled per layer share one graph; leave room for the forward and backward
     # graphs of every arm without dynamo silently falling back to eager
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 64)
+    allow_recompiles(64)
 
     from tabulate import tabulate
 

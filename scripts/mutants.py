@@ -263,7 +263,7 @@ MUTANTS: tuple[Mutant, ...] = (
            FP8_REF,
            "format='fp8': grad_W = G^T Q(xhat) without the gain's columns"),
     Mutant("fp8-gradients-e4m3", "mxrewrite/modules/functions.py",
-           "fp8_quantize_with_transpose(grad, gradient_elem_dtype(ctx.grad_cast))",
+           "fp8_quantize_with_transpose(grad, gradient_elem_dtype(grad_cast))",
            "fp8_quantize_with_transpose(grad, E4M3)",
            FP8_REF,
            "format='fp8': output gradients cast to e4m3 instead of e5m2"),

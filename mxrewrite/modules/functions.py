@@ -54,10 +54,18 @@ def _transposed(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous()
 
 
-def _transposed_cast(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight's e4m3 cast in the layout ``G @ W`` reads (``W.T`` row-major), written in one pass from ``W``."""
-    _, data_t, scale = fp8_quantize_with_transpose(weight, E4M3)
-    return data_t, scale
+def _fp8_backward(grad: torch.Tensor, weight: torch.Tensor, x_data_t: torch.Tensor | None, x_scale: torch.Tensor,
+                  grad_cast: str, input_dtype: torch.dtype | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The two backward GEMMs of an FP8 linear from the output gradient ``G`` (cast once, in both layouts):
+    ``grad_input = Q(G) @ Q(W)`` (in ``input_dtype``; None: not wanted) and ``grad_W = Q(G)^T @ Q(x)``, the
+    latter from the input's cast given in the layout that GEMM reads (``x_data_t``; None: not wanted)."""
+    g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, gradient_elem_dtype(grad_cast))
+    grad_input = None
+    if input_dtype is not None:  # W cast again, written in the layout G @ W reads (W.T row-major) in one pass
+        _, w_data_t, w_scale = fp8_quantize_with_transpose(weight, E4M3)
+        grad_input = fp8_mm(g_data, w_data_t, g_scale, w_scale, input_dtype)
+    grad_w = fp8_mm(g_data_t, x_data_t, g_scale, x_scale, weight.dtype) if x_data_t is not None else None
+    return grad_input, grad_w
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -95,13 +103,9 @@ class Fp8CastLinear(torch.autograd.Function):
                 grad_w = grad.t().to(dtype) @ normalize(x, rho).reshape(-1, hidden).to(dtype)
                 if ctx.alpha != 1.0:
                     grad_w = grad_w * ctx.alpha
-        else:
-            g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, gradient_elem_dtype(ctx.grad_cast))
-            if ctx.needs_input_grad[0]:
-                w_data_t, w_scale = _transposed_cast(weight)
-                grad_h = fp8_mm(g_data, w_data_t, g_scale, w_scale, ctx.input_dtype)
-            if ctx.needs_input_grad[1]:  # (x_scale carries alpha)
-                grad_w = fp8_mm(g_data_t, _transposed(data), g_scale, x_scale, weight.dtype)
+        else:  # (x_scale carries alpha)
+            grad_h, grad_w = _fp8_backward(grad, weight, _transposed(data) if ctx.needs_input_grad[1] else None,
+                                           x_scale, ctx.grad_cast, ctx.input_dtype if ctx.needs_input_grad[0] else None)
         if grad_h is not None:
             grad_h = grad_h.reshape(*x.shape[:-1], hidden)
         if grad_w is not None:
@@ -136,7 +140,7 @@ class OwnCastLinear(torch.autograd.Function):
             y = fp8_mm(x_data, w_data, x_scale, w_scale, x.dtype, fast_accum=FAST_ACCUM_FORWARD)
             ctx.save_for_backward(x_data_t, x_scale, weight)
         ctx.settings, ctx.input_shape, ctx.input_dtype = settings, x.shape, x.dtype
-        ctx.weight_dtype, ctx.bias_dtype = weight.dtype, bias.dtype if bias is not None else None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return _add_bias(y, bias).reshape(*x.shape[:-1], out_features)
 
     @staticmethod
@@ -147,12 +151,8 @@ class OwnCastLinear(torch.autograd.Function):
         fp8_backward = not get_format(s.fmt).block_scaled and s.grad_cast != "hp"
         if fp8_backward:
             x_data_t, x_scale, weight = ctx.saved_tensors
-            g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, gradient_elem_dtype(s.grad_cast))
-            if ctx.needs_input_grad[0]:
-                w_data_t, w_scale = _transposed_cast(weight)
-                grad_x = fp8_mm(g_data, w_data_t, g_scale, w_scale, ctx.input_dtype)
-            if ctx.needs_input_grad[1]:
-                grad_w = fp8_mm(g_data_t, x_data_t, g_scale, x_scale, ctx.weight_dtype)
+            grad_x, grad_w = _fp8_backward(grad, weight, x_data_t if ctx.needs_input_grad[1] else None, x_scale,
+                                           s.grad_cast, ctx.input_dtype if ctx.needs_input_grad[0] else None)
         else:
             x2d, weight = ctx.saved_tensors
             grad_f = grad.float()
@@ -160,7 +160,7 @@ class OwnCastLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = grad_matmul(grad_f, weight, s.grad_cast, s.scale_mode, dtype).to(ctx.input_dtype)
             if ctx.needs_input_grad[1]:
-                grad_w = grad_matmul(grad_f.t(), x2d, s.grad_cast, s.scale_mode, dtype).to(ctx.weight_dtype)
+                grad_w = grad_matmul(grad_f.t(), x2d, s.grad_cast, s.scale_mode, dtype).to(weight.dtype)
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.input_shape)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:

@@ -410,6 +410,11 @@ def _check_fused(got: dict, ref: dict, scenario: Scenario) -> None:
     assert len(got["gemms"]) == len(ref["gemms"]) == len(ref["linears"]) + len(ref["own_cast"])
 
 
+def _check_fused_and_reference(got: dict, ref: dict, scenario: Scenario) -> None:
+    _check_fused(got, ref, scenario)
+    _check_against_reference(got, ref, scenario)
+
+
 # ---------------------------------------------------------------------------
 # the tests
 
@@ -426,8 +431,7 @@ def test_fsdp2_after_optimize(name, runs):
     assert all(got["placements"][w][0] == ("Shard(0)",) for w in mx_weights)
     # the fused GEMMs multiplied the unsharded (all-gathered) weights
     assert sorted(got["gemms"]) == sorted(ref["gemms"])
-    _check_fused(got, ref, SCENARIOS[name])
-    _check_against_reference(got, ref, SCENARIOS[name])
+    _check_fused_and_reference(got, ref, SCENARIOS[name])
 
 
 @pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.parallel == "tp"])
@@ -452,8 +456,7 @@ def test_tensor_parallel_after_optimize(name, runs):
     # rank's columns of the rowwise-sharded weights
     local = {"fused": lambda r, c: (r // WORLD, c), "own": lambda r, c: (r, c // WORLD)}
     assert sorted(got["gemms"]) == sorted((kind, local[kind](*shape)) for kind, shape in ref["gemms"])
-    _check_fused(got, ref, SCENARIOS[name])
-    _check_against_reference(got, ref, SCENARIOS[name])
+    _check_fused_and_reference(got, ref, SCENARIOS[name])
 
 
 @pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.parallel == "ddp"])
@@ -463,5 +466,4 @@ def test_ddp_after_optimize(name, runs):
     # DDP keeps every parameter whole on every rank
     assert all(placements is None and full == local for placements, full, local in got["placements"].values())
     assert sorted(got["gemms"]) == sorted(ref["gemms"])
-    _check_fused(got, ref, SCENARIOS[name])
-    _check_against_reference(got, ref, SCENARIOS[name])
+    _check_fused_and_reference(got, ref, SCENARIOS[name])
