@@ -173,16 +173,16 @@ def variants(fmt: str, d: int, gain: torch.Tensor) -> dict[str, tuple[object, bo
     from torchao.prototype.mx_formats.config import ScaleCalculationMode
     from torchao.prototype.mx_formats.mx_tensor import to_mx
 
-    from mxrewrite.ops import gaussian_correction, norm_cast
+    from mxrewrite.ops import gaussian_correction, norm_cast, norm_constant
 
     block = 32 if fmt == "mxfp8" else 16
-    c = gaussian_correction(2, block)
+    eps, c = norm_constant(EPS, gain.device), norm_constant(gaussian_correction(2, block), gain.device)
 
     def ours_mxnorm(x):
-        return norm_cast(x, None, fmt, "mxnorm", 2, "rceil", EPS, c, 0.0, True)
+        return norm_cast(x, None, eps, c, fmt, "mxnorm", 2, "rceil", True)
 
     def ours_rmsnorm(x):
-        return norm_cast(x, gain, fmt, "rmsnorm", 2, "rceil", EPS, c, 0.0, True)
+        return norm_cast(x, gain, eps, c, fmt, "rmsnorm", 2, "rceil", True)
 
     if fmt == "mxfp8":
         def cast(y):
@@ -217,7 +217,7 @@ def check_ours(fmt: str, norm: str, x: torch.Tensor, gain: torch.Tensor | None, 
     """Bit-exact check of our outputs on sampled rows against the reference evaluated on CPU."""
     from mxrewrite.formats import get_format, mx_quantize, nvfp4_quantize
     from mxrewrite.ops import gaussian_correction
-    from mxrewrite.ops.reference import effective_gain, norm_cast_reference
+    from mxrewrite.ops.reference import norm_cast_reference
 
     spec = get_format(fmt)
     data, scales, rho, tscale = out
@@ -235,7 +235,7 @@ def check_ours(fmt: str, norm: str, x: torch.Tensor, gain: torch.Tensor | None, 
         return "FAIL tensor scale"
     xhat = xs.float() * rho_s.unsqueeze(-1)
     if g is not None:
-        xhat = xhat * effective_gain(g, 0.0)
+        xhat = xhat * g.float()
     if spec.tensor_scale:
         want_data, want_scales, _ = nvfp4_quantize(xhat, ref[3])
     else:
@@ -301,13 +301,14 @@ def run_shape(fmt: str, m: int, d: int, bandwidth: float, log) -> list[Result]:
 
 def run_sweep(fmts, shapes, norms, bandwidth: float, log) -> list[Result]:
     from mxrewrite.formats import get_format
-    from mxrewrite.ops import gaussian_correction
+    from mxrewrite.ops import gaussian_correction, norm_constant
     from mxrewrite.ops.kernels.norm_cast import LaunchConfig, chunk_blocks_for, launch_config, norm_cast_triton
 
     results = []
+    eps = norm_constant(EPS, DEVICE)
     for fmt in fmts:
         block = get_format(fmt).block_size
-        c = gaussian_correction(2, block)
+        c = norm_constant(gaussian_correction(2, block), DEVICE)
         for m, d in shapes:
             inputs = rotating_inputs(m, d, seed=1)
             floor_us = floor_bytes(fmt, m, d) / bandwidth * 1e6
@@ -321,7 +322,7 @@ def run_sweep(fmts, shapes, norms, bandwidth: float, log) -> list[Result]:
                     chosen = cfg or launch_config(d, m, fmt, has_gain=gain is not None)
 
                     def fn(x, cfg=chosen, norm=norm, gain=gain):
-                        return norm_cast_triton(x, gain, fmt=fmt, norm=norm, p=2, scale_mode="rceil", eps=EPS,
+                        return norm_cast_triton(x, gain, fmt=fmt, norm=norm, p=2, scale_mode="rceil", eps=eps,
                                                 correction=c, launch_cfg=cfg)
 
                     try:

@@ -669,8 +669,8 @@ def setup_device(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # exact for dequantised MX operands
         torch.backends.cudnn.allow_tf32 = True
-        # a calibrated arm's blocks differ in their constants: one compiled graph per block under --compile-scope
-        # blocks, and again after each re-calibration
+        # headroom for recompiles: each re-calibration rebuilds the rewritten modules (their constants are
+        # buffers, so the blocks of one rewrite share a compiled graph)
         torch._dynamo.config.cache_size_limit = 256
         torch._dynamo.config.accumulated_cache_size_limit = 4096
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mxrewrite.config import RewriteConfig
 from mxrewrite.errors import CaptureError, ConfigError, MXRewriteError
 from mxrewrite.modules import replacement_for
-from mxrewrite.passes.calibrate import check_estimates, measure_corrections, warn_per_layer_compile
+from mxrewrite.passes.calibrate import check_estimates, measure_corrections
 from mxrewrite.passes.capture import capture
 from mxrewrite.passes.linear_plan import LinearChoice, other_linears
 from mxrewrite.passes.lower import lower
@@ -174,8 +174,7 @@ def _calibrated(model: nn.Module, sites: list[ModuleSite], config: RewriteConfig
     norms = [s.norm for s in sites if s.rewritten]
     corrections = measure_corrections(model, norms, (split_inputs(d) for d in data), p=config.p,
                                       block_size=config.block_size)
-    warn_per_layer_compile(len(set(corrections.values())))
-    return [replace(s, settings=s.settings._replace(correction=corrections[s.norm])) if s.rewritten else s
+    return [replace(s, constants=s.constants._replace(correction=corrections[s.norm])) if s.rewritten else s
             for s in sites]
 
 

@@ -208,7 +208,7 @@ def build_report(config: RewriteConfig, sites: list[ModuleSite], rejected: list[
         common = dict(norm=site.norm, hidden_size=site.hidden_size, format=config.format, spelling=site.spelling,
                       kept_consumers=site.kept, status=site.status, reason=site.reason)
         if site.rewritten:
-            rows.append(Site(consumers=site.linears, rescale=site.settings.correction,
+            rows.append(Site(consumers=site.linears, rescale=site.constants.correction,
                              savings=site_savings(site, config.format, config.norm), **common))
         else:
             rows.append(Site(consumers=(), **common))

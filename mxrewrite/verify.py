@@ -25,7 +25,7 @@ from mxrewrite.errors import MXRewriteError
 from mxrewrite.formats import get_format
 from mxrewrite.modules import MXRMSNorm, NormCastTensor
 from mxrewrite.ops.matmul import BlockScaledMatrix, dequantize_matrix
-from mxrewrite.ops.reference import effective_gain, norm_cast_reference
+from mxrewrite.ops.reference import norm_cast_reference
 from mxrewrite.recording import run_watching
 
 
@@ -160,15 +160,15 @@ def _site_metrics(optimized: torch.nn.Module, args: tuple, kwargs: dict) -> tupl
             rms = rows.pow(2).mean(-1).sqrt()
             ratio = (1.0 / h.rho.double().reshape(-1)) / rms
             ratios.append(ratio[torch.isfinite(ratio)])
-            exact_r = (rms.pow(2) + s.eps).sqrt() if s.eps_in_root else rms + s.eps
+            eps = h.eps.item()
+            exact_r = (rms.pow(2) + eps).sqrt() if s.eps_in_root else rms + eps
             exact = rows / exact_r.unsqueeze(-1)
             if gain is not None:
-                exact = exact * effective_gain(gain, s.gain_offset).double()
+                exact = exact * gain.double()
             exacts.append(exact)
             casts_hp.append(_dequantize(s.fmt, h.elems, h.scales, h.tensor_scale))
             base = norm_cast_reference(h.x, gain, fmt=s.fmt, norm="rmsnorm", p=s.p, scale_mode=s.scale_mode,
-                                       eps=s.eps, correction=1.0, gamma_offset=s.gain_offset,
-                                       eps_in_root=s.eps_in_root)
+                                       eps=eps, correction=1.0, eps_in_root=s.eps_in_root)
             bases.append(_dequantize(s.fmt, base[0], base[1], base[3]))
         ratio, exact = torch.cat(ratios), torch.cat(exacts)
         metrics.append(SiteMetrics(name, ratio.mean().item(), ratio.std().item() if ratio.numel() > 1 else 0.0,

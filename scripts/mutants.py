@@ -83,16 +83,16 @@ LINEARS_ALL = ("tests/test_fp8_recipe.py::test_linears_all_converts_every_linear
 MUTANTS: tuple[Mutant, ...] = (
     # --- RewriteConfig fields that must reach the computation
     Mutant("scale_mode-ignored", "mxrewrite/passes/module_plan.py",
-           "config.p, config.scale_mode, m.eps", 'config.p, "rceil", m.eps',
+           "config.p, config.scale_mode, site.match.eps_in_root", 'config.p, "rceil", site.match.eps_in_root',
            (ref("llama-scale_mode=floor"),), "the rewrite hard-codes rceil whatever config.scale_mode says"),
     Mutant("grad_cast-ignored", "mxrewrite/passes/module_plan.py",
-           "                        config.grad_cast)", '                        "mx")',
+           'config.format != "fp8", config.grad_cast)', 'config.format != "fp8", "mx")',
            (ref("llama-grad_cast=hp"),), "the rewrite hard-codes grad_cast='mx'"),
     Mutant("include_head-ignored", "mxrewrite/passes/plan.py",
            "if user in heads and not config.include_head:", "if user in heads:",
            (ref("llama-include_head=True"),), "include_head=True no longer rewrites the head's norm"),
     Mutant("calibration-not-applied", "mxrewrite/api.py",
-           "settings=s.settings._replace(correction=corrections[s.norm])", "settings=s.settings",
+           "constants=s.constants._replace(correction=corrections[s.norm])", "constants=s.constants",
            (ref("llama-rescale=calibrated"),), "rescale='calibrated' measures the constants and keeps c'(p, B)"),
     # --- the norm, its constants and its backward
     Mutant("rescale-B16-constant", "mxrewrite/ops/mxnorm_constants.py",
@@ -120,11 +120,11 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("rmsnorm-sum-in-input-dtype", "mxrewrite/ops/reference.py",
            "    xf = x.float()\n    mean_sq", "    xf = x\n    mean_sq",
            (f"{NORM_CAST}::test_equals_reference_composition",), "the exact RMSNorm sums squares in bfloat16"),
-    Mutant("gemma-offset-dropped", "mxrewrite/ops/reference.py",
-           "return g + gamma_offset if gamma_offset != 0.0 else g", "return g",
+    Mutant("gemma-offset-dropped", "mxrewrite/modules/norm.py",
+           "gain = gain.float() + constants[GAIN_OFFSET]", "gain = gain.float()",
            (ref("gemma-default"),), "Gemma's gain (1 + weight) applied as weight"),
     Mutant("nvfp4-scale-ignores-gain", "mxrewrite/ops/reference.py",
-           "scale = scale * effective_gain(gamma, gamma_offset).abs().amax().to(scale.device)", "scale = scale",
+           "scale = scale * gamma.float().abs().amax().to(scale.device)", "scale = scale",
            (ref("gemma-format=nvfp4-norm=rmsnorm-grad_cast=hp"),),
            "the NVFP4 static tensor scale leaves out max|gain| when the gain is applied in the cast"),
     Mutant("nvfp4-min-tensor-scale-dropped", "mxrewrite/ops/reference.py",
@@ -171,7 +171,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "the emulated GEMM forgets NVFP4's per-tensor scales"),
     # --- the linears
     Mutant("gain-not-folded", "mxrewrite/ops/mx_linear.py",
-           "w = weight.float() * effective_gain(gamma, gamma_offset)", "w = weight.float()",
+           "w = weight.float() * gamma.float()", "w = weight.float()",
            (f"{MX_LINEAR}::test_forward_equals_dequantized_matmul",),
            "MXNorm's linears multiply W instead of W * diag(gain)"),
     Mutant("weight-cast-ignores-scale_mode", "mxrewrite/ops/mx_linear.py",
@@ -293,6 +293,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "    if _routes_experts(node):", "    if False:",
            LINEARS_ALL,
            "linears='all' converts an MoE router"),
+    Mutant("constants-lost-on-move", "mxrewrite/modules/norm.py",
+           "        self._buffers[CONSTANTS_BUFFER] = self.constants.tensor(device)\n", "",
+           ("tests/modules/test_norm.py::test_meta_device_initialisation_restores_the_constants[torchtitan_llama]",),
+           "a rewritten norm's constants buffer is left as .to(dtype) or .to_empty() made it (rounded or garbage)"),
+    Mutant("kernel-fp8-scale-not-ceiled", "mxrewrite/ops/kernels/norm_cast.py",
+           "        exponent += ((bits & _FLOAT64_MANTISSA) != 0).to(tl.int64)\n", "",
+           ("tests/ops/kernels/test_norm_cast_kernel.py::test_kernels_bit_exact_under_triton_interpreter",),
+           "the fused kernel's FP8 static scale is the power of two below bound / 448 (normalised values clip)"),
 )
 
 

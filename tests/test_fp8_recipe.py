@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import mxrewrite
 from mxrewrite.errors import ConfigError
 from mxrewrite.modules import MXLinear
+from mxrewrite.ops import norm_constant
 from tests.reference_model import E4M3, E5M2, GAUSSIAN_C, _StraightThroughNorm, round_to_grid
 
 D, N = 64, 96
@@ -148,7 +149,8 @@ def test_fp8_recipe_matches_an_independent_reference(norm, grad_cast):
 def test_fp8_rejects_a_gain_in_the_cast():
     x = torch.randn(4, 64)
     with pytest.raises(ConfigError, match="fold the gain"):
-        torch.ops.mxrewrite.norm_cast(x, torch.ones(64), "fp8", "rmsnorm", 2, "rceil", 1e-5, 1.0, 0.0, True)
+        torch.ops.mxrewrite.norm_cast(x, torch.ones(64), norm_constant(1e-5), norm_constant(1.0), "fp8", "rmsnorm", 2,
+                                      "rceil", True)
 
 
 def test_linears_must_be_a_known_choice():

@@ -30,8 +30,6 @@ import math
 
 import torch
 
-# torchao's floor on amax (float8_utils.EPS): an all-zero tensor gets a huge finite scale, not inf
-AMAX_EPS = 1e-12
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
@@ -41,7 +39,10 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 def amax_to_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The largest power of two that maps ``amax`` into ``dtype``'s range (float32; the quotient in float64)."""
-    scale = (fp8_max(dtype) / torch.clamp(amax.to(torch.float64), min=AMAX_EPS)).to(torch.float32)
+    # amax floored at torchao's float8_utils.EPS, 1e-12 (an all-zero tensor gets a huge finite scale, not inf);
+    # a literal, not a global: torch.compile(dynamic=True) makes a global float symbolic, and dynamo cannot lift
+    # that into an autograd.Function's backward
+    scale = (fp8_max(dtype) / torch.clamp(amax.to(torch.float64), min=1e-12)).to(torch.float32)
     return torch.exp2(torch.floor(torch.log2(scale)))
 
 
@@ -70,10 +71,21 @@ def fp8_quantize_with_transpose(t: torch.Tensor, dtype: torch.dtype = torch.floa
     return data, data_t, scale.reciprocal()
 
 
-def static_scale(bound: float, dtype: torch.dtype = torch.float8_e4m3fn) -> float:
+def static_scale(bound: float | torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> float | torch.Tensor:
     """The dequantisation scale of a tensor whose magnitudes never exceed ``bound``: the power of two
-    ``s >= bound / fmax`` nearest to it, so ``bound / s`` still fits and ``t / s`` rounds only once."""
-    return 2.0 ** math.ceil(math.log2(bound / fp8_max(dtype)))
+    ``s >= bound / fmax`` nearest to it, so ``bound / s`` still fits and ``t / s`` rounds only once.
+
+    ``bound`` is a float or a float64 tensor (a rewritten norm's bound from its rescale constant, which
+    reaches the ops as a tensor). The power of two comes from the exponent of ``bound / fmax`` itself
+    (``m * 2**e`` with ``0.5 <= m < 1``: ``2**(e - 1)`` if ``m == 0.5``, else ``2**e``), exact where
+    ``ceil(log2(...))`` can round, and what the fused kernel computes from the float64 bits.
+    """
+    ratio = bound / fp8_max(dtype)
+    if isinstance(ratio, torch.Tensor):
+        mantissa, exponent = torch.frexp(ratio)
+        return torch.ldexp(torch.ones_like(ratio), exponent - (mantissa == 0.5).to(exponent.dtype))
+    mantissa, exponent = math.frexp(ratio)
+    return math.ldexp(1.0, exponent - (mantissa == 0.5))
 
 
 def fp8_dequantize(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -22,9 +22,12 @@ from mxrewrite.formats.spec import check_cast_input
 
 def _elem_range(elem_dtype: torch.dtype) -> tuple[float, int]:
     try:
-        return MX_ELEMENTS[elem_dtype]
+        _, max_pow2 = MX_ELEMENTS[elem_dtype]
     except KeyError:
         raise UnsupportedDtypeError.for_dtype(elem_dtype, tuple(MX_ELEMENTS), "MX element type") from None
+    # (torch.finfo, not the table's float: under torch.compile(dynamic=True) a float read from a global
+    # becomes symbolic, which dynamo cannot lift into an autograd.Function's backward)
+    return torch.finfo(elem_dtype).max, max_pow2
 
 
 def block_amax(x: torch.Tensor, block_size: int) -> torch.Tensor:

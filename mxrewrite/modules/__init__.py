@@ -7,9 +7,9 @@ Both share the replaced modules' parameters (see :func:`adopt_state`).
 """
 
 from mxrewrite.modules.adopt import adopt_state
-from mxrewrite.modules.cast_tensor import CastSettings, NormCastTensor, norm_cast_tensor
+from mxrewrite.modules.cast_tensor import CastSettings, NormCastTensor, NormConstants, norm_cast_tensor
 from mxrewrite.modules.linear import MXLinear, UnitScaledMXLinear, replacement_for
 from mxrewrite.modules.norm import MXRMSNorm
 
-__all__ = ["CastSettings", "MXLinear", "MXRMSNorm", "NormCastTensor", "UnitScaledMXLinear", "adopt_state",
-           "norm_cast_tensor", "replacement_for"]
+__all__ = ["CastSettings", "MXLinear", "MXRMSNorm", "NormCastTensor", "NormConstants", "UnitScaledMXLinear",
+           "adopt_state", "norm_cast_tensor", "replacement_for"]

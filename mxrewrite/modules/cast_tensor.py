@@ -5,8 +5,8 @@ Design note. A rewritten norm (:class:`~mxrewrite.modules.MXRMSNorm`) runs
 the norm's output ``h = alpha * x * rho * gain`` (``rho`` the MXNorm estimate or
 the exact RMSNorm factor); it carries, as inner tensors, what produced it: the
 input ``x``, ``rho``, the block-scaled cast (``elems``, ``scales``, per-tensor
-``tensor_scale``) and the gain. The model's own code then passes it on as it
-was written:
+``tensor_scale``), the gain as applied (Gemma's ``1 + weight``) and the norm's
+``eps``. The model's own code then passes it on as it was written:
 
 * an :class:`~mxrewrite.modules.MXLinear` (any number of them: q, k and v share
   one cast) multiplies the cast directly, with the gain folded into its weight;
@@ -29,6 +29,12 @@ value under ``norm="mxnorm"`` that gradient uses the estimate's ``rho``.
 It is a traceable wrapper subclass (``__tensor_flatten__``/``__tensor_unflatten__``),
 like torchao's float8 training tensors, so ``torch.compile(fullgraph=True)``
 traces it away; FSDP2 and tensor parallelism see only the plain parameters.
+
+Floats stay out of everything torch.compile reads from a module or from this
+tensor's metadata: it guards on each (every layer of a per-layer compile with
+calibrated constants compiled again) and under ``dynamic=True`` turns them into
+symbolic floats it cannot carry in a tensor subclass. A site's ``eps``, rescale
+constant and gain offset (:class:`NormConstants`) reach the ops as tensors.
 """
 
 from __future__ import annotations
@@ -38,29 +44,40 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils._pytree import tree_map_only
 
-from mxrewrite.ops.reference import effective_gain, normalize, rmsnorm_rho
+from mxrewrite.ops.reference import normalize, rmsnorm_rho
 
 aten = torch.ops.aten
 
-__all__ = ["CastSettings", "NormCastTensor", "norm_cast_tensor"]
+__all__ = ["CastSettings", "NormCastTensor", "NormConstants", "norm_cast_tensor"]
 
 
 class CastSettings(NamedTuple):
-    """The static description of one rewritten norm (a NamedTuple: hashable, and traced by torch.compile)."""
+    """How one rewritten norm casts: its static choices (a NamedTuple: hashable, and traced by torch.compile;
+    no floats: see the module docstring)."""
 
     fmt: str
     norm: str               # "mxnorm" | "rmsnorm"
     p: int
     scale_mode: str
-    eps: float
     eps_in_root: bool
-    correction: float       # c'(p, B), a calibrated constant, or 1.0
-    gain_offset: float      # 1.0 for Gemma's (1 + weight)
     gain_in_cast: bool      # the exact-RMSNorm baseline applies the gain before casting
     grad_cast: str          # "mx" | "e4m3" | "hp": precision of the linears' backward GEMMs
 
 
-_INNER = ("x", "rho", "elems", "scales", "tensor_scale", "gain")
+class NormConstants(NamedTuple):
+    """The floats of one rewritten norm; :meth:`tensor` is how the forward reads them."""
+
+    eps: float
+    correction: float       # MXNorm's rescale constant: c'(p, B), a calibrated constant, or 1.0
+    gain_offset: float      # 1.0 for Gemma's (1 + weight)
+
+    def tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[eps, correction, gain_offset]`` in float64 (exact copies of the floats)."""
+        return torch.tensor(tuple(self), dtype=torch.float64, device=device)
+
+
+EPS, CORRECTION, GAIN_OFFSET = range(3)  # positions in NormConstants.tensor()
+_INNER = ("x", "rho", "elems", "scales", "tensor_scale", "gain", "eps")
 
 
 class NormCastTensor(torch.Tensor):
@@ -71,18 +88,19 @@ class NormCastTensor(torch.Tensor):
     elems: torch.Tensor
     scales: torch.Tensor
     tensor_scale: torch.Tensor
-    gain: torch.Tensor | None
+    gain: torch.Tensor | None   # as the norm applies it (Gemma: 1 + weight)
+    eps: torch.Tensor           # 0-d float64
     settings: CastSettings
     alpha: float
 
     @staticmethod
-    def __new__(cls, x, rho, elems, scales, tensor_scale, gain, settings, alpha, dtype):
+    def __new__(cls, x, rho, elems, scales, tensor_scale, gain, eps, settings, alpha, dtype):
         return torch.Tensor._make_wrapper_subclass(cls, x.shape, dtype=dtype, device=x.device,
                                                    requires_grad=False)
 
-    def __init__(self, x, rho, elems, scales, tensor_scale, gain, settings, alpha, dtype):
-        self.x, self.rho, self.elems, self.scales, self.tensor_scale, self.gain = (
-            x, rho, elems, scales, tensor_scale, gain)
+    def __init__(self, x, rho, elems, scales, tensor_scale, gain, eps, settings, alpha, dtype):
+        self.x, self.rho, self.elems, self.scales, self.tensor_scale, self.gain, self.eps = (
+            x, rho, elems, scales, tensor_scale, gain, eps)
         self.settings, self.alpha = settings, alpha
 
     def __repr__(self) -> str:
@@ -97,7 +115,7 @@ class NormCastTensor(torch.Tensor):
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         settings, alpha, dtype, has_gain = meta
         return NormCastTensor(inner["x"], inner["rho"], inner["elems"], inner["scales"], inner["tensor_scale"],
-                              inner["gain"] if has_gain else None, settings, alpha, dtype)
+                              inner["gain"] if has_gain else None, inner["eps"], settings, alpha, dtype)
 
     def replace(self, **changes: Any) -> "NormCastTensor":
         fields = {n: getattr(self, n) for n in _INNER}
@@ -113,8 +131,8 @@ class NormCastTensor(torch.Tensor):
     def exact(self) -> torch.Tensor:
         """The exact RMSNorm output this tensor stands for, as a plain tensor (what non-MX consumers read)."""
         s = self.settings
-        rho = self.rho if s.norm == "rmsnorm" else rmsnorm_rho(self.x, eps=s.eps, eps_in_root=s.eps_in_root)
-        h = normalize(self.x, rho, effective_gain(self.gain, s.gain_offset) if self.gain is not None else None)
+        rho = self.rho if s.norm == "rmsnorm" else rmsnorm_rho(self.x, eps=self.eps, eps_in_root=s.eps_in_root)
+        h = normalize(self.x, rho, self.gain)
         if self.alpha != 1.0:
             h = h * self.alpha
         return h.to(self.dtype)
@@ -262,41 +280,30 @@ class _NormCast(torch.autograd.Function):
     """``x, gain -> NormCastTensor``; backward: the straight-through norm gradient of ``h = x * rho * gain``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gain: torch.Tensor | None, settings: CastSettings,
-                carried: CastSettings) -> NormCastTensor:
+    def forward(ctx, x: torch.Tensor, gain: torch.Tensor | None, eps: torch.Tensor, correction: torch.Tensor,
+                settings: CastSettings) -> NormCastTensor:
         s = settings
         elems, scales, rho, tensor_scale = torch.ops.mxrewrite.norm_cast(
-            x, gain if s.gain_in_cast else None, s.fmt, s.norm, s.p, s.scale_mode, s.eps, s.correction,
-            s.gain_offset, s.eps_in_root)
+            x, gain if s.gain_in_cast else None, eps, correction, s.fmt, s.norm, s.p, s.scale_mode, s.eps_in_root)
         ctx.save_for_backward(x, rho, gain)
-        ctx.gain_offset = s.gain_offset
-        return NormCastTensor(x, rho, elems, scales, tensor_scale, gain, carried, 1.0, x.dtype)
+        return NormCastTensor(x, rho, elems, scales, tensor_scale, gain, eps, settings, 1.0, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
         x, rho, gain = ctx.saved_tensors
         grad_h = grad_h.reshape(x.shape)
-        g = effective_gain(gain, ctx.gain_offset) if gain is not None else None
         grad_x = grad_gain = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.mxrewrite.rms_norm_backward(grad_h.contiguous(), x, rho, g)
+            grad_x = torch.ops.mxrewrite.rms_norm_backward(grad_h.contiguous(), x, rho,
+                                                           gain.float() if gain is not None else None)
         if gain is not None and ctx.needs_input_grad[1]:
             grad_gain = (normalize(x, rho) * grad_h.float()).reshape(-1, x.shape[-1]).sum(0).to(gain.dtype)
-        return grad_x, grad_gain, None, None
+        return grad_x, grad_gain, None, None, None
 
 
-def carried_settings(settings: CastSettings) -> CastSettings:
-    """The settings a :class:`NormCastTensor` carries: without the rescale constant, which only norm_cast
-    reads (a per-site float in the tensor's metadata reaches torch.compile as a symbolic float it cannot
-    rebuild: per-layer compile of calibrated sites)."""
-    return settings._replace(correction=1.0)
-
-
-def norm_cast_tensor(x: torch.Tensor, gain: torch.Tensor | None, settings: CastSettings,
-                     carried: CastSettings | None = None) -> NormCastTensor:
-    """Normalise and cast ``x`` once (``mxrewrite::norm_cast``), returning the :class:`NormCastTensor`.
-
-    ``carried`` is :func:`carried_settings` of ``settings``, made ahead of time by a module that
-    torch.compile traces (torch 2.11's dynamo cannot pass a NamedTuple built in the traced code on to the
-    tensor's constructor)."""
-    return _NormCast.apply(x, gain, settings, carried or carried_settings(settings))
+def norm_cast_tensor(x: torch.Tensor, gain: torch.Tensor | None, constants: torch.Tensor,
+                     settings: CastSettings) -> NormCastTensor:
+    """Normalise ``x``, multiply by ``gain`` (as the norm applies it) and cast it once
+    (``mxrewrite::norm_cast``), returning the :class:`NormCastTensor`. ``constants`` is
+    :meth:`NormConstants.tensor` (the gain offset is not read here: it is in ``gain`` already)."""
+    return _NormCast.apply(x, gain, constants[EPS], constants[CORRECTION], settings)

@@ -31,7 +31,7 @@ from mxrewrite.modules.cast_tensor import NormCastTensor
 from mxrewrite.ops.fp8 import fp8_mm
 from mxrewrite.ops.matmul import mx_matmul, quantize_matrix
 from mxrewrite.ops.mx_linear import gemm_dtype, grad_matmul, gradient_elem_dtype
-from mxrewrite.ops.reference import effective_gain, normalize
+from mxrewrite.ops.reference import normalize
 
 E4M3 = torch.float8_e4m3fn
 # the forward GEMMs accumulate without float32 promotion on Hopper, as torchao's float8 training does
@@ -80,7 +80,7 @@ class Fp8CastLinear(torch.autograd.Function):
         s = h.settings
         hidden, out_features = h.shape[-1], weight.shape[0]
         data = h.elems.reshape(-1, hidden).view(E4M3)
-        gain = effective_gain(h.gain, s.gain_offset) if h.gain is not None else None
+        gain = h.gain.float() if h.gain is not None else None
         w_data, w_scale = fp8_quantize(weight.float() * gain if gain is not None else weight, E4M3)
         x_scale = h.tensor_scale * h.alpha if h.alpha != 1.0 else h.tensor_scale
         y = _add_bias(fp8_mm(data, w_data, x_scale, w_scale, h.dtype, fast_accum=FAST_ACCUM_FORWARD), bias)

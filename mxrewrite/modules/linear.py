@@ -34,7 +34,7 @@ from mxrewrite.modules.adopt import adopt_state
 from mxrewrite.modules.cast_tensor import NormCastTensor
 from mxrewrite.modules.functions import Fp8CastLinear, LinearSettings, OwnCastLinear
 from mxrewrite.ops.mx_linear import gemm_dtype, grad_matmul
-from mxrewrite.ops.reference import effective_gain, normalize
+from mxrewrite.ops.reference import normalize
 
 __all__ = ["MXLinear", "UnitScaledMXLinear", "replacement_for"]
 
@@ -44,8 +44,8 @@ class _CastLinear(torch.autograd.Function):
     def forward(ctx, h: NormCastTensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         s = h.settings
         y = torch.ops.mxrewrite.mx_linear(
-            h.x, h.rho, h.elems, h.scales, h.tensor_scale, weight, h.gain, bias, s.fmt, s.scale_mode, s.gain_offset,
-            s.gain_in_cast, h.alpha, h.dtype, s.grad_cast)
+            h.x, h.rho, h.elems, h.scales, h.tensor_scale, weight, h.gain, bias, s.fmt, s.scale_mode, s.gain_in_cast,
+            h.alpha, h.dtype, s.grad_cast)
         ctx.save_for_backward(h.x, h.rho, h.gain, weight)
         ctx.settings, ctx.alpha, ctx.input_dtype = s, h.alpha, h.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -63,7 +63,7 @@ class _CastLinear(torch.autograd.Function):
             grad_h = grad_matmul(grad, weight, s.grad_cast, s.scale_mode, dtype)
             grad_h = grad_h.reshape(*x.shape[:-1], hidden).to(ctx.input_dtype)
         if ctx.needs_input_grad[1]:
-            h = normalize(x, rho, effective_gain(gain, s.gain_offset) if gain is not None else None)
+            h = normalize(x, rho, gain)
             h = h.reshape(-1, hidden)
             if ctx.alpha != 1.0:
                 h = h * ctx.alpha

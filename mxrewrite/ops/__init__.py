@@ -1,9 +1,10 @@
 """Custom ops in the ``mxrewrite`` namespace (``torch.ops.mxrewrite.*``).
 
-* ``norm_cast(x, gamma, fmt, norm, p, scale_mode, eps, correction, gamma_offset, eps_in_root)
-  -> (data, scales, rho, tensor_scale)``: the fused norm + MXFP8/NVFP4 cast.
+* ``norm_cast(x, gamma, eps, correction, fmt, norm, p, scale_mode, eps_in_root)
+  -> (data, scales, rho, tensor_scale)``: the fused norm + MXFP8/NVFP4/FP8 cast (``eps`` and
+  ``correction`` as 0-d float64 tensors: :func:`norm_constant`).
 * ``mx_linear(x, rho, data, scales, tensor_scale, weight, gamma, bias, fmt, scale_mode,
-  gamma_offset, gamma_in_cast, alpha, out_dtype, grad_cast) -> y``: the linear it feeds.
+  gamma_in_cast, alpha, out_dtype, grad_cast) -> y``: the linear it feeds.
 * ``rms_norm_backward(grad, x, rho, gain=None) -> dx``: the straight-through norm gradient.
 * ``block_scaled_mm(a_data, a_scales, a_tensor_scale, a_elem, b_data, ..., fmt, out_dtype)``: the
   GEMM of two block-scaled operands, opaque to torch.compile (``matmul.mx_matmul`` calls it).
@@ -24,7 +25,7 @@ from mxrewrite.ops.compile_cache import tag_compile_caches
 from mxrewrite.ops.mx_linear import GRAD_CASTS, mx_linear
 from mxrewrite.ops.norm_backward import rms_norm_backward
 from mxrewrite.ops.mxnorm_constants import gaussian_correction
-from mxrewrite.ops.norm_cast import norm_cast
+from mxrewrite.ops.norm_cast import norm_cast, norm_constant
 from mxrewrite.ops.reference import NORMS
 
 tag_compile_caches()
@@ -37,5 +38,5 @@ def typed_views(fmt: str | FormatSpec, data: torch.Tensor, scales: torch.Tensor)
     return data.view(elem), scales.view(spec.scale_dtype)
 
 
-__all__ = ["GRAD_CASTS", "NORMS", "gaussian_correction", "mx_linear", "norm_cast", "rms_norm_backward",
-           "typed_views"]
+__all__ = ["GRAD_CASTS", "NORMS", "gaussian_correction", "mx_linear", "norm_cast", "norm_constant",
+           "rms_norm_backward", "typed_views"]

@@ -2,7 +2,7 @@
 
 Forward (MXNORM.md): ``y = alpha * (Q(xhat) @ Q(W * diag(gain))^T) + bias`` where
 ``Q(xhat)`` is the activation ``norm_cast`` produced and the gain
-``gamma (+ 1 for Gemma)`` is folded into the weight before the weight is cast
+``gamma`` (as the norm applies it: Gemma's ``1 + weight``) is folded into the weight before the weight is cast
 along its input dim. When the cast already applied the gain
 (``gamma_in_cast=True``, the exact-RMSNorm baseline) the weight is cast as is.
 ``alpha`` carries constant multipliers that sat between the norm and the linear.
@@ -38,7 +38,7 @@ from mxrewrite.formats import get_format
 from mxrewrite.formats.constants import MXFP8_BLOCK_SIZE
 from mxrewrite.ops.matmul import BlockScaledMatrix, mx_matmul, quantize_matrix
 from mxrewrite.ops.norm_backward import rms_norm_backward
-from mxrewrite.ops.reference import effective_gain, normalize
+from mxrewrite.ops.reference import normalize
 
 GRAD_CASTS = ("mx", "e4m3", "hp")
 
@@ -65,7 +65,6 @@ def mx_linear(
     bias: torch.Tensor | None,
     fmt: str,
     scale_mode: str,
-    gamma_offset: float,
     gamma_in_cast: bool,
     alpha: float,
     out_dtype: torch.dtype,
@@ -82,7 +81,7 @@ def mx_linear(
         raise ValueError(f"weight of shape {tuple(weight.shape)} does not take inputs of size {x.shape[-1]}")
     w = weight
     if gamma is not None and not gamma_in_cast:
-        w = weight.float() * effective_gain(gamma, gamma_offset)
+        w = weight.float() * gamma.float()
     act = BlockScaledMatrix(data.reshape(-1, data.shape[-1]), scales.reshape(-1, scales.shape[-1]),
                             tensor_scale, spec, spec.elem_dtype)
     w_cast = quantize_matrix(w, spec, scale_mode=scale_mode)
@@ -96,8 +95,8 @@ def mx_linear(
 
 
 @mx_linear.register_fake
-def _(x, rho, data, scales, tensor_scale, weight, gamma, bias, fmt, scale_mode, gamma_offset, gamma_in_cast,
-      alpha, out_dtype, grad_cast):
+def _(x, rho, data, scales, tensor_scale, weight, gamma, bias, fmt, scale_mode, gamma_in_cast, alpha, out_dtype,
+      grad_cast):
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
 
 
@@ -120,11 +119,11 @@ def grad_matmul(grad: torch.Tensor, other: torch.Tensor, grad_cast: str, scale_m
 
 
 def _setup_context(ctx, inputs, output):
-    x, rho, _, _, _, weight, gamma, bias, fmt, scale_mode, gamma_offset, _, alpha, _, grad_cast = inputs
+    x, rho, _, _, _, weight, gamma, bias, fmt, scale_mode, _, alpha, _, grad_cast = inputs
     ctx.save_for_backward(x, rho, weight, gamma)
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.gamma_offset, ctx.alpha, ctx.grad_cast, ctx.scale_mode = gamma_offset, alpha, grad_cast, scale_mode
+    ctx.alpha, ctx.grad_cast, ctx.scale_mode = alpha, grad_cast, scale_mode
 
 
 def _backward(ctx, grad_out):
@@ -133,7 +132,7 @@ def _backward(ctx, grad_out):
     grad = grad_out.reshape(-1, out_features).float()
     grad_scaled = grad * ctx.alpha if ctx.alpha != 1.0 else grad
     xhat = normalize(x, rho).reshape(-1, hidden)
-    gain = effective_gain(gamma, ctx.gamma_offset) if gamma is not None else None
+    gain = gamma.float() if gamma is not None else None
     dtype = gemm_dtype(x)
 
     grad_x = grad_w = grad_gamma = grad_bias = None
@@ -149,7 +148,7 @@ def _backward(ctx, grad_out):
         grad_w = grad_matmul(grad_scaled.t(), xg, ctx.grad_cast, ctx.scale_mode, dtype).to(weight.dtype)
     if ctx.has_bias and ctx.needs_input_grad[7]:
         grad_bias = grad.sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, grad_w, grad_gamma, grad_bias, None, None, None, None, None, None, None
+    return grad_x, None, None, None, None, grad_w, grad_gamma, grad_bias, None, None, None, None, None, None
 
 
 mx_linear.register_autograd(_backward, setup_context=_setup_context)

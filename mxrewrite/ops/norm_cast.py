@@ -27,13 +27,18 @@ from mxrewrite.ops import kernels
 from mxrewrite.ops.reference import check_norm_args, norm_cast_reference
 
 
-def check_norm_cast_args(x: torch.Tensor, gamma: torch.Tensor | None, fmt: str, norm: str, p: int,
-                         scale_mode: str) -> None:
+def check_norm_cast_args(x: torch.Tensor, gamma: torch.Tensor | None, eps: torch.Tensor, correction: torch.Tensor,
+                         fmt: str, norm: str, p: int, scale_mode: str) -> None:
     """Our errors for every bad argument, before any kernel sees it."""
     spec = get_format(fmt)
     check_norm_args(norm, p)
     check_scale_mode(scale_mode)
     check_cast_input(x, spec.block_size, spec.name)
+    for name, value in (("eps", eps), ("correction", correction)):
+        if value.shape != () or value.dtype != torch.float64 or value.device != x.device:
+            raise ConfigError(f"norm_cast takes {name} as a 0-d float64 tensor on the input's device ({x.device}), "
+                              f"got {value.dtype} of shape {tuple(value.shape)} on {value.device}; pass "
+                              f"torch.tensor({name}, dtype=torch.float64, device=x.device)")
     if gamma is not None:
         if not spec.block_scaled:
             raise ConfigError(f"the {spec.name} norm cast takes no gain (its static scale assumes |x * rho| is "
@@ -49,26 +54,31 @@ def check_norm_cast_args(x: torch.Tensor, gamma: torch.Tensor | None, fmt: str, 
 def norm_cast(
     x: torch.Tensor,
     gamma: torch.Tensor | None,
+    eps: torch.Tensor,
+    correction: torch.Tensor,
     fmt: str,
     norm: str,
     p: int,
     scale_mode: str,
-    eps: float,
-    correction: float,
-    gamma_offset: float,
     eps_in_root: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(data, scales, rho, tensor_scale)``; data and scales as raw uint8 bytes."""
-    check_norm_cast_args(x, gamma, fmt, norm, p, scale_mode)
+    """Returns ``(data, scales, rho, tensor_scale)``; data and scales as raw uint8 bytes.
+
+    ``gamma`` is the gain as the norm applies it (Gemma's ``1 + weight`` already added), or None.
+    ``eps`` and ``correction`` (MXNorm's rescale constant) are 0-d float64 tensors, not floats:
+    torch.compile specialises on every float a module hands an op, so per-site constants (calibrated
+    ones differ per layer) would compile each layer again; a tensor is a graph input.
+    """
+    check_norm_cast_args(x, gamma, eps, correction, fmt, norm, p, scale_mode)
     args = dict(fmt=fmt, norm=norm, p=p, scale_mode=scale_mode, eps=eps, correction=correction,
-                gamma_offset=gamma_offset, eps_in_root=eps_in_root)
+                eps_in_root=eps_in_root)
     if kernels.use_triton(x):
         return kernels.norm_cast_triton(x, gamma, **args)
     return norm_cast_reference(x, gamma, **args)
 
 
 @norm_cast.register_fake
-def _(x, gamma, fmt, norm, p, scale_mode, eps, correction, gamma_offset, eps_in_root):
+def _(x, gamma, eps, correction, fmt, norm, p, scale_mode, eps_in_root):
     spec = get_format(fmt)
     lead, hidden = x.shape[:-1], x.shape[-1]
     data = x.new_empty((*lead, hidden // spec.elems_per_byte), dtype=torch.uint8)
@@ -82,7 +92,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, *grads):
-    return (None,) * 10
+    return (None,) * 9
 
 
 norm_cast.register_autograd(_backward, setup_context=_setup_context)
+
+
+def norm_constant(value: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """``value`` as the 0-d float64 tensor ``norm_cast`` takes for ``eps`` and ``correction``."""
+    return torch.tensor(value, dtype=torch.float64, device=device)

@@ -7,7 +7,7 @@ For one row ``x`` of length ``D = K * B`` (MXNORM.md, "pre" mode):
   when the model adds eps outside the root).
 
 Both give ``rho = 1 / r`` (float32), the normalised row ``xhat = x * rho``
-(times ``gamma + gamma_offset`` when the gain is applied before the cast), and
+(times the gain ``gamma`` when it is applied before the cast), and
 the cast of ``xhat`` to the target format. Because ``x -> x * rho`` is monotone,
 the block maxima of ``xhat`` are ``m_k * rho`` exactly: the MXNorm cast needs no
 second reduction, and the result is bit-identical to casting ``xhat``.
@@ -20,6 +20,10 @@ rounded to float32 once, and
 ``rho = 1 / r`` is an IEEE float32 division. The exact RMSNorm sums ``x**2`` in
 float32 (as ``torch.rms_norm`` does), so a kernel's ``rho`` may differ from this
 one in the last bit.
+
+``eps`` and ``c`` are Python floats or 0-d float64 tensors: the ops take them as
+tensors (a rewritten norm keeps them in a buffer, so torch.compile does not
+specialise on them), and the arithmetic is the same either way.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from mxrewrite.formats.nvfp4 import MIN_TENSOR_SCALE, NVFP4_SCALE_RANGE
 from mxrewrite.ops.mxnorm_constants import POWERS, mxnorm_output_bound, rmsnorm_output_bound
 
 NORMS = ("mxnorm", "rmsnorm")
+Scalar = float | torch.Tensor  # a Python float or a 0-d float64 tensor
 
 
 def check_norm_args(norm: str, p: int) -> None:
@@ -43,7 +48,7 @@ def check_norm_args(norm: str, p: int) -> None:
         raise ConfigError(f"MXNorm power p={p} is not supported; use p=1 or p=2 (p=2 is the stable default)")
 
 
-def mxnorm_rho(x: torch.Tensor, *, p: int, block_size: int, correction: float, eps: float) -> torch.Tensor:
+def mxnorm_rho(x: torch.Tensor, *, p: int, block_size: int, correction: Scalar, eps: Scalar) -> torch.Tensor:
     """``1 / (c * M_p + eps)`` per row from the block absolute maxima (float32, shape ``x.shape[:-1]``)."""
     amax = block_amax(x, block_size).double()
     power_mean = (amax if p == 1 else amax * amax).mean(-1)
@@ -53,7 +58,7 @@ def mxnorm_rho(x: torch.Tensor, *, p: int, block_size: int, correction: float, e
     return 1.0 / r
 
 
-def rmsnorm_rho(x: torch.Tensor, *, eps: float, eps_in_root: bool = True) -> torch.Tensor:
+def rmsnorm_rho(x: torch.Tensor, *, eps: Scalar, eps_in_root: bool = True) -> torch.Tensor:
     """``1 / sqrt(mean(x**2) + eps)`` per row (float32); ``1 / (sqrt(mean(x**2)) + eps)`` if not ``eps_in_root``."""
     xf = x.float()
     mean_sq = (xf * xf).mean(-1)
@@ -61,33 +66,27 @@ def rmsnorm_rho(x: torch.Tensor, *, eps: float, eps_in_root: bool = True) -> tor
     return 1.0 / r
 
 
-def norm_rho(x: torch.Tensor, *, norm: str, p: int, block_size: int, correction: float, eps: float,
+def norm_rho(x: torch.Tensor, *, norm: str, p: int, block_size: int, correction: Scalar, eps: Scalar,
              eps_in_root: bool = True) -> torch.Tensor:
     if norm == "mxnorm":
         return mxnorm_rho(x, p=p, block_size=block_size, correction=correction, eps=eps)
     return rmsnorm_rho(x, eps=eps, eps_in_root=eps_in_root)
 
 
-def effective_gain(gamma: torch.Tensor, gamma_offset: float) -> torch.Tensor:
-    """The gain a norm applies, in float32: ``gamma`` or Gemma's ``1 + gamma``."""
-    g = gamma.float()
-    return g + gamma_offset if gamma_offset != 0.0 else g
-
-
 def normalize(x: torch.Tensor, rho: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
-    """``x * rho`` per row, times ``gain`` (an :func:`effective_gain`) when given, in float32."""
+    """``x * rho`` per row, times ``gain`` when given, in float32."""
     xhat = x.float() * rho.unsqueeze(-1).float()
-    return xhat * gain if gain is not None else xhat
+    return xhat * gain.float() if gain is not None else xhat
 
 
-def norm_output_bound(hidden: int, *, fmt: str, norm: str, p: int, correction: float) -> float:
+def norm_output_bound(hidden: int, *, fmt: str, norm: str, p: int, correction: Scalar) -> Scalar:
     """The largest ``|x * rho|`` the norm can produce (before the gain): MXNorm ``K**(1/p) / c``, RMSNorm ``sqrt(D)``."""
     if norm == "mxnorm":
         return mxnorm_output_bound(p, hidden // get_format(fmt).block_size, correction)
     return rmsnorm_output_bound(hidden)
 
 
-def fp8_activation_scale(hidden: int, *, norm: str, p: int, correction: float) -> float:
+def fp8_activation_scale(hidden: int, *, norm: str, p: int, correction: Scalar) -> Scalar:
     """The static per-tensor scale of a normalised activation cast to FP8 (``format="fp8"``).
 
     The norm bounds ``|x * rho|``, so the scale needs no reduction over the tensor
@@ -97,9 +96,28 @@ def fp8_activation_scale(hidden: int, *, norm: str, p: int, correction: float) -
     return static_scale(norm_output_bound(hidden, fmt="fp8", norm=norm, p=p, correction=correction))
 
 
+def static_scale_base(hidden: int, *, fmt: str, norm: str, p: int, correction: Scalar) -> torch.Tensor | float:
+    """The per-tensor scale of a normalised activation before any gain: FP8's static scale
+    (:func:`fp8_activation_scale`), NVFP4's ``bound / (6 * 448)`` (rounded to float32 when used), 1.0 for MXFP8."""
+    spec = get_format(fmt)
+    if not spec.block_scaled:
+        return fp8_activation_scale(hidden, norm=norm, p=p, correction=correction)
+    if not spec.tensor_scale:
+        return 1.0
+    return norm_output_bound(hidden, fmt=fmt, norm=norm, p=p, correction=correction) / NVFP4_SCALE_RANGE
+
+
+def float32_scalar(value: Scalar, device: torch.device | None) -> torch.Tensor:
+    """A 0-d float32 tensor on ``device``: a float is filled there (no host-to-device copy: CUDA-graph safe),
+    a tensor converted (rounded to nearest)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32)
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
 def activation_tensor_scale(
-    hidden: int, gamma: torch.Tensor | None, *, fmt: str, norm: str, p: int, correction: float,
-    gamma_offset: float = 0.0, device: torch.device | None = None,
+    hidden: int, gamma: torch.Tensor | None, *, fmt: str, norm: str, p: int, correction: Scalar,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """The static per-tensor scale of a normalised activation (NVFP4), from the norm's output bound.
 
@@ -108,13 +126,9 @@ def activation_tensor_scale(
     at least ``MIN_TENSOR_SCALE`` (2**-120). MXFP8 has no per-tensor scale: 1.0.
     """
     spec = get_format(fmt)
-    if not spec.tensor_scale:
-        return torch.ones((), dtype=torch.float32, device=device)
-    bound = norm_output_bound(hidden, fmt=fmt, norm=norm, p=p, correction=correction)
-    # torch.full, not torch.tensor: a fill on the device, no host-to-device copy (CUDA-graph safe)
-    scale = torch.full((), bound / NVFP4_SCALE_RANGE, dtype=torch.float32, device=device)
-    if gamma is not None:
-        scale = scale * effective_gain(gamma, gamma_offset).abs().amax().to(scale.device)
+    scale = float32_scalar(static_scale_base(hidden, fmt=fmt, norm=norm, p=p, correction=correction), device)
+    if spec.tensor_scale and gamma is not None:
+        scale = scale * gamma.float().abs().amax().to(scale.device)
         # an all-zero gain would give 0 and the cast 0 * (1 / 0) = NaN
         scale = torch.clamp(scale, min=MIN_TENSOR_SCALE)
     return scale
@@ -128,12 +142,12 @@ def norm_cast_reference(
     norm: str,
     p: int,
     scale_mode: str,
-    eps: float,
-    correction: float,
-    gamma_offset: float = 0.0,
+    eps: Scalar,
+    correction: Scalar,
     eps_in_root: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalise ``x`` over its last dim and cast it: ``(data, scales, rho, tensor_scale)``.
+    """Normalise ``x`` over its last dim, multiply by the gain ``gamma`` (None: none), and cast it:
+    ``(data, scales, rho, tensor_scale)``.
 
     ``data`` and ``scales`` are raw bytes (uint8): float8_e4m3fn / E8M0 for MXFP8,
     packed e2m1 / float8_e4m3fn for NVFP4, float8_e4m3fn / nothing (shape ``(..., 0)``)
@@ -144,15 +158,15 @@ def norm_cast_reference(
     check_norm_args(norm, p)
     rho = norm_rho(x, norm=norm, p=p, block_size=spec.block_size, correction=correction, eps=eps,
                    eps_in_root=eps_in_root)
-    xhat = normalize(x, rho, effective_gain(gamma, gamma_offset) if gamma is not None else None)
+    xhat = normalize(x, rho, gamma)
     if not spec.block_scaled:
-        scale = fp8_activation_scale(x.shape[-1], norm=norm, p=p, correction=correction)
-        data = saturating_cast(xhat * (1.0 / scale), spec.elem_dtype)
+        tscale = activation_tensor_scale(x.shape[-1], None, fmt=fmt, norm=norm, p=p, correction=correction,
+                                         device=x.device)
+        data = saturating_cast(xhat * (1.0 / tscale), spec.elem_dtype)  # (a power of two: exact)
         scales = torch.empty((*x.shape[:-1], 0), dtype=torch.uint8, device=x.device)
-        tscale = torch.full((), scale, dtype=torch.float32, device=x.device)
     elif spec.tensor_scale:
         tscale = activation_tensor_scale(x.shape[-1], gamma, fmt=fmt, norm=norm, p=p, correction=correction,
-                                         gamma_offset=gamma_offset, device=x.device)
+                                         device=x.device)
         data, scales, tscale = nvfp4_quantize(xhat, tscale)
     else:
         data, scales = mx_quantize(xhat, elem_dtype=spec.elem_dtype, block_size=spec.block_size,

@@ -22,7 +22,7 @@ from mxrewrite.errors import MXRewriteError
 from mxrewrite.formats.mx import block_amax
 from mxrewrite.recording import run_watching
 
-__all__ = ["check_estimates", "measure_corrections", "warn_per_layer_compile"]
+__all__ = ["check_estimates", "measure_corrections"]
 
 log = logging.getLogger(__name__)
 # how far MXNorm's estimate may read from the RMS on the example inputs before optimize() says so
@@ -88,18 +88,3 @@ def check_estimates(model: nn.Module, norms: list[str], inputs: list[tuple[tuple
                     "their output differently from the original. For a pretrained model use norm='rmsnorm', or "
                     "rescale='calibrated' with representative calibration_data, and check with verify().",
                     ", ".join(f"{ratio:.2f}x ({name})" for name, ratio in worst), len(off), len(reads))
-
-
-def warn_per_layer_compile(constants: int) -> None:
-    """torch.compile specialises on each site's calibrated constant (a float argument of ``norm_cast``): compiling
-    each decoder layer on its own (torchtitan's per-layer compile) compiles every layer again, and dynamo stops at
-    its recompile limit (an error under ``fullgraph=True``, eager layers otherwise). Whole-model compile is not
-    affected. Say so when the constants outnumber the limit."""
-    config = torch._dynamo.config
-    limit = getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8))
-    if constants > limit:
-        log.warning("mxrewrite: rescale='calibrated' gave %d different constants; torch.compile of each layer on its "
-                    "own compiles every layer again (one constant per site) and stops at "
-                    "torch._dynamo.config.recompile_limit = %d. With per-layer compile, raise that limit above the "
-                    "number of layers, or use rescale='gaussian'; compiling the whole model is not affected.",
-                    constants, limit)

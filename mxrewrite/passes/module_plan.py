@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from mxrewrite.config import RewriteConfig
-from mxrewrite.modules import CastSettings, replacement_for
+from mxrewrite.modules import CastSettings, NormConstants, replacement_for
 from mxrewrite.passes.match.fx_utils import _scope
 from mxrewrite.passes.plan import LINEAR_OPS, LinearConsumer, Plan, SitePlan
 from mxrewrite.passes.repeated import BlockGroups, block_copies, rebase
@@ -53,6 +53,7 @@ class ModuleSite:
     kept: tuple[str, ...] = ()          # consumers left in high precision (reading the exact norm), with why
     gain: str | None = None             # the norm module's parameter that is its gain
     settings: CastSettings | None = None
+    constants: NormConstants | None = None
     input_bytes: int = 2                # element sizes of the norm's input and output, for the report
     output_bytes: int = 2
 
@@ -97,10 +98,12 @@ def _linear_module(gm: fx.GraphModule, model: nn.Module, lin: LinearConsumer) ->
 
 
 def _settings(site: SitePlan, config: RewriteConfig) -> CastSettings:
-    m = site.match
-    return CastSettings(config.format, config.norm, config.p, config.scale_mode, m.eps, m.eps_in_root,
-                        site.correction, m.gamma_offset, config.norm == "rmsnorm" and config.format != "fp8",
-                        config.grad_cast)
+    return CastSettings(config.format, config.norm, config.p, config.scale_mode, site.match.eps_in_root,
+                        config.norm == "rmsnorm" and config.format != "fp8", config.grad_cast)
+
+
+def _constants(site: SitePlan) -> NormConstants:
+    return NormConstants(site.match.eps, site.correction, site.match.gamma_offset)
 
 
 def _itemsize(node: fx.Node) -> int:
@@ -140,7 +143,7 @@ def _one_call(site: SitePlan, gm: fx.GraphModule, model: nn.Module, config: Rewr
     if not_modules:
         reason = "; ".join(filter(None, [reason, "exact RMSNorm kept for: " + "; ".join(not_modules)]))
     return ModuleSite(norm, "rewritten", reason, linears=tuple(dict.fromkeys(linears)), kept=kept, gain=gain,
-                      settings=_settings(site, config), **common)
+                      settings=_settings(site, config), constants=_constants(site), **common)
 
 
 def _merge(calls: list[ModuleSite]) -> ModuleSite:

@@ -56,7 +56,9 @@ def rewrite(model: nn.Module, sites: list[ModuleSite], linears: list[LinearChoic
     for site in sites:
         if not site.rewritten:
             continue
-        _replace(model, site.norm, MXRMSNorm(model.get_submodule(site.norm), site.gain, site.settings))
+        first_linear = model.get_submodule(site.linears[0])
+        _replace(model, site.norm, MXRMSNorm(model.get_submodule(site.norm), site.gain, site.settings, site.constants,
+                                             device=first_linear.weight.device))
         for name in site.linears:
             if name not in converted:
                 linear = model.get_submodule(name)

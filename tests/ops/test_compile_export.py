@@ -9,7 +9,7 @@ import torch
 
 import mxrewrite.ops  # noqa: F401  (registers torch.ops.mxrewrite)
 from mxrewrite.formats import get_format
-from mxrewrite.ops import gaussian_correction
+from mxrewrite.ops import gaussian_correction, norm_constant
 
 ops = torch.ops.mxrewrite
 HIDDEN = 64
@@ -22,19 +22,21 @@ class NormCastLinears(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.fmt = fmt
-        self.correction = gaussian_correction(2, get_format(fmt).block_size)
+        self.register_buffer("eps", norm_constant(1e-6))
+        self.register_buffer("correction", norm_constant(gaussian_correction(2, get_format(fmt).block_size)))
         self.gamma = torch.nn.Parameter(0.1 * torch.randn(HIDDEN, generator=g))  # Gemma form: gain 1 + gamma
         self.w_q = torch.nn.Parameter(torch.randn(32, HIDDEN, generator=g) / 8)
         self.b_q = torch.nn.Parameter(torch.randn(32, generator=g))
         self.w_k = torch.nn.Parameter(torch.randn(48, HIDDEN, generator=g) / 8)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        data, scales, rho, tscale = ops.norm_cast(x, None, self.fmt, "mxnorm", 2, "rceil", 1e-6, self.correction,
-                                                  1.0, True)
-        q = ops.mx_linear(x, rho, data, scales, tscale, self.w_q, self.gamma, self.b_q, self.fmt, "rceil", 1.0,
-                          False, 1.0, torch.float32, "hp")
-        k = ops.mx_linear(x, rho, data, scales, tscale, self.w_k, self.gamma, None, self.fmt, "rceil", 1.0,
-                          False, 0.125, torch.float32, "mx")
+        data, scales, rho, tscale = ops.norm_cast(x, None, self.eps, self.correction, self.fmt, "mxnorm", 2, "rceil",
+                                                  True)
+        gain = 1.0 + self.gamma
+        q = ops.mx_linear(x, rho, data, scales, tscale, self.w_q, gain, self.b_q, self.fmt, "rceil", False, 1.0,
+                          torch.float32, "hp")
+        k = ops.mx_linear(x, rho, data, scales, tscale, self.w_k, gain, None, self.fmt, "rceil", False, 0.125,
+                          torch.float32, "mx")
         return q, k
 
 
@@ -74,10 +76,10 @@ class NormCastLinear(NormCastLinears):
     """One MX linear (high-precision gradients): the smallest graph worth compiling with Inductor."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        data, scales, rho, tscale = ops.norm_cast(x, None, self.fmt, "mxnorm", 2, "rceil", 1e-6, self.correction,
-                                                  1.0, True)
-        q = ops.mx_linear(x, rho, data, scales, tscale, self.w_q, self.gamma, self.b_q, self.fmt, "rceil", 1.0,
-                          False, 1.0, torch.float32, "hp")
+        data, scales, rho, tscale = ops.norm_cast(x, None, self.eps, self.correction, self.fmt, "mxnorm", 2, "rceil",
+                                                  True)
+        q = ops.mx_linear(x, rho, data, scales, tscale, self.w_q, 1.0 + self.gamma, self.b_q, self.fmt, "rceil", False,
+                          1.0, torch.float32, "hp")
         return q, q[..., :1]
 
 
@@ -129,12 +131,13 @@ def test_compiled_backward_keeps_the_mx_gemms_opaque():
 
     x = torch.randn(4, 64, requires_grad=True)
     w = torch.randn(32, 64, requires_grad=True)
+    eps, correction = norm_constant(1e-6), norm_constant(0.4185)
 
     def f(x, w):
-        data, scales, rho, tscale = torch.ops.mxrewrite.norm_cast(x, None, "mxfp8", "mxnorm", 2, "rceil", 1e-6,
-                                                                  0.4185, 0.0, True)
-        return torch.ops.mxrewrite.mx_linear(x, rho, data, scales, tscale, w, None, None, "mxfp8", "rceil", 0.0,
-                                             False, 1.0, torch.float32, "mx")
+        data, scales, rho, tscale = torch.ops.mxrewrite.norm_cast(x, None, eps, correction, "mxfp8", "mxnorm", 2,
+                                                                  "rceil", True)
+        return torch.ops.mxrewrite.mx_linear(x, rho, data, scales, tscale, w, None, None, "mxfp8", "rceil", False,
+                                             1.0, torch.float32, "mx")
 
     torch.compile(f, backend=backend, fullgraph=True)(x, w).sum().backward()
     fw, bw = ([n.target for n in g.graph.nodes if n.op == "call_function"] for g in graphs)

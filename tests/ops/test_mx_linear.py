@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import mxrewrite.ops  # noqa: F401  (registers torch.ops.mxrewrite)
 from mxrewrite.errors import ConfigError
 from mxrewrite.formats import get_format, mx_dequantize, mx_quantize, nvfp4_quantize
-from mxrewrite.ops import gaussian_correction
+from mxrewrite.ops import gaussian_correction, norm_constant
 from tests.helpers import float32_ulp, mx_values64, nvfp4_values64
 
 norm_cast = torch.ops.mxrewrite.norm_cast
@@ -41,14 +41,17 @@ def make_inputs(lead, hidden, out_features, *, dtype=torch.float32, seed=0, gamm
 
 def run_forward(x, w, gamma, b, *, fmt="mxfp8", norm="mxnorm", p=2, gamma_offset=0.0, gamma_in_cast=False,
                 alpha=1.0, grad_cast="hp", out_dtype=torch.float32, scale_mode="rceil"):
-    """norm_cast then mx_linear, as the rewrite wires them; returns y and the cast activation."""
+    """norm_cast then mx_linear, as the rewrite wires them (the gain offset added to gamma first, in autograd);
+    returns y and the cast activation."""
     spec = get_format(fmt)
     c = gaussian_correction(p, spec.block_size) if norm == "mxnorm" else 1.0
-    cast = norm_cast(x.detach(), gamma.detach() if gamma_in_cast and gamma is not None else None, fmt, norm, p,
-                     scale_mode, EPS, c, gamma_offset, True)
+    if gamma is not None and gamma_offset:
+        gamma = gamma.float() + gamma_offset
+    cast = norm_cast(x.detach(), gamma.detach() if gamma_in_cast and gamma is not None else None, norm_constant(EPS),
+                     norm_constant(c), fmt, norm, p, scale_mode, True)
     data, scales, rho, tscale = cast
-    y = mx_linear(x, rho, data, scales, tscale, w, gamma, b, fmt, scale_mode, gamma_offset, gamma_in_cast,
-                  alpha, out_dtype, grad_cast)
+    y = mx_linear(x, rho, data, scales, tscale, w, gamma, b, fmt, scale_mode, gamma_in_cast, alpha, out_dtype,
+                  grad_cast)
     return y, cast
 
 
@@ -347,19 +350,20 @@ def test_errors():
         run_forward(x, w, gamma, b, grad_cast="fp16")
     with pytest.raises(ValueError, match="does not take inputs of size 64"):
         run_forward(x, torch.randn(32, 96), gamma, b)
-    data, scales, rho, ts = norm_cast(x, None, "mxfp8", "mxnorm", 2, "rceil", EPS, 0.4, 0.0, True)
+    data, scales, rho, ts = norm_cast(x, None, norm_constant(EPS), norm_constant(0.4), "mxfp8", "mxnorm", 2, "rceil",
+                                      True)
     with pytest.raises(ConfigError, match="unknown format"):
-        mx_linear(x, rho, data, scales, ts, w, gamma, b, "fp16", "rceil", 0.0, False, 1.0, torch.float32, "hp")
+        mx_linear(x, rho, data, scales, ts, w, gamma, b, "fp16", "rceil", False, 1.0, torch.float32, "hp")
     with pytest.raises(ConfigError, match="scaled per tensor"):
-        mx_linear(x, rho, data, scales, ts, w, gamma, b, "fp8", "rceil", 0.0, False, 1.0, torch.float32, "hp")
+        mx_linear(x, rho, data, scales, ts, w, gamma, b, "fp8", "rceil", False, 1.0, torch.float32, "hp")
 
 
 @pytest.mark.parametrize("fmt,grad_cast", [("mxfp8", "mx"), ("nvfp4", "hp")])
 def test_opcheck(fmt, grad_cast):
     x, w, gamma, b = make_inputs((2, 3), 64, 32, seed=11)
     spec = get_format(fmt)
-    data, scales, rho, ts = norm_cast(x, None, fmt, "mxnorm", 2, "rceil", EPS,
-                                      gaussian_correction(2, spec.block_size), 0.0, True)
+    c = norm_constant(gaussian_correction(2, spec.block_size))
+    data, scales, rho, ts = norm_cast(x, None, norm_constant(EPS), c, fmt, "mxnorm", 2, "rceil", True)
     args = (x.requires_grad_(True), rho, data, scales, ts, w.requires_grad_(True), gamma.requires_grad_(True),
-            b.requires_grad_(True), fmt, "rceil", 0.0, False, 0.5, torch.float32, grad_cast)
+            b.requires_grad_(True), fmt, "rceil", False, 0.5, torch.float32, grad_cast)
     torch.library.opcheck(mx_linear.default, args)

@@ -14,7 +14,7 @@ import mxrewrite.ops  # noqa: F401  (registers torch.ops.mxrewrite)
 from mxrewrite.errors import BlockShapeError, ConfigError, UnsupportedDtypeError
 from mxrewrite.formats import get_format, mx_quantize, nvfp4_quantize
 from mxrewrite.formats.nvfp4 import MIN_TENSOR_SCALE, NVFP4_SCALE_RANGE
-from mxrewrite.ops import gaussian_correction, typed_views
+from mxrewrite.ops import gaussian_correction, norm_constant, typed_views
 from mxrewrite.ops.mxnorm_constants import mxnorm_output_bound, rmsnorm_output_bound
 from tests.helpers import assert_same_bits, float32_ulp, wide_range
 
@@ -26,9 +26,13 @@ EPS = 1e-6
 
 def call(x, gamma=None, *, fmt="mxfp8", norm="mxnorm", p=2, scale_mode="rceil", eps=EPS, correction=None,
          gamma_offset=0.0, eps_in_root=True):
+    """The op with floats for its constants; ``gamma_offset`` adds to the gain first, as a rewritten norm of
+    Gemma's ``1 + weight`` does."""
     if correction is None:
         correction = gaussian_correction(p, get_format(fmt).block_size)
-    return norm_cast(x, gamma, fmt, norm, p, scale_mode, eps, correction, gamma_offset, eps_in_root)
+    if gamma is not None and gamma_offset:
+        gamma = gamma.float() + gamma_offset
+    return norm_cast(x, gamma, norm_constant(eps), norm_constant(correction), fmt, norm, p, scale_mode, eps_in_root)
 
 
 def activations(shape, dtype, seed):
@@ -273,8 +277,10 @@ def test_opcheck_norm_cast(config):
     fmt, p = config["fmt"], config.get("p", 2)
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
     gamma = torch.randn(64, dtype=torch.bfloat16) if config.get("gamma") else None
-    args = (x, gamma, fmt, config["norm"], p, "rceil", EPS, gaussian_correction(p, get_format(fmt).block_size),
-            config.get("gamma_offset", 0.0), True)
+    if gamma is not None and config.get("gamma_offset"):
+        gamma = gamma.float() + config["gamma_offset"]
+    args = (x, gamma, norm_constant(EPS), norm_constant(gaussian_correction(p, get_format(fmt).block_size)), fmt,
+            config["norm"], p, "rceil", True)
     torch.library.opcheck(norm_cast.default, args)
 
 

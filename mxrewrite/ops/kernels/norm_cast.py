@@ -35,7 +35,11 @@ step for step, so data and scales are bit-identical:
 
 * MXNorm: ``sum_k m_k**p`` in float64 (every term is exact there),
   ``r = float32(c * M + eps)`` with the product rounded on its own (no fused
-  multiply-add), ``rho = 1 / r`` as an IEEE division.
+  multiply-add), ``rho = 1 / r`` as an IEEE division. ``c`` and ``eps`` are
+  loaded from 0-d float64 tensors (the op's arguments).
+* the static per-tensor scale (FP8, NVFP4) from the norm's output bound
+  ``K**(1/p) / c`` or ``sqrt(D)``, in float64 as the reference computes it
+  (FP8: the power of two above ``bound / 448``, from the float64 bits).
 * RMSNorm: float32 sum of squares (the summation order differs from torch's, so
   ``rho`` may differ in the last bits), IEEE divide and square root.
 * the casts: :mod:`mxrewrite.ops.kernels.codecs`.
@@ -43,7 +47,6 @@ step for step, so data and scales are bit-identical:
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +55,7 @@ import triton.language as tl
 
 from mxrewrite.formats import get_format
 from mxrewrite.formats.nvfp4 import MIN_TENSOR_SCALE as _MIN_TENSOR_SCALE
-from mxrewrite.formats.nvfp4 import NVFP4_SCALE_RANGE
+from mxrewrite.formats.nvfp4 import NVFP4_SCALE_RANGE as _NVFP4_SCALE_RANGE
 from mxrewrite.ops.kernels.codecs import (
     bf16_pairs_to_float32,
     e2m1_pack,
@@ -66,7 +69,7 @@ from mxrewrite.ops.kernels.codecs import (
     to_float32,
 )
 from mxrewrite.ops.kernels.launch import is_interpreted, launch
-from mxrewrite.ops.reference import check_norm_args, fp8_activation_scale, norm_output_bound
+from mxrewrite.ops.reference import Scalar, check_norm_args, float32_scalar, static_scale_base
 
 # fmt / norm / scale mode codes passed to the kernel as constexprs
 _MXFP8, _NVFP4, _FP8 = 0, 1, 2
@@ -75,6 +78,9 @@ _RCEIL, _FLOOR = 0, 1
 
 _MAX_SEGMENTS = 3
 MIN_TENSOR_SCALE = tl.constexpr(_MIN_TENSOR_SCALE)  # 2**-120, the NVFP4 per-tensor scale's floor
+NVFP4_SCALE_RANGE = tl.constexpr(_NVFP4_SCALE_RANGE)  # 6 * 448
+E4M3_MAX = tl.constexpr(448.0)
+_FLOAT64_MANTISSA = tl.constexpr((1 << 52) - 1)
 # torchao's to_blocked layout: 128 x 4 tiles of scales, each stored as 32 x 16 bytes
 _SWIZZLE_ROWS, _SWIZZLE_COLS = 128, 4
 
@@ -157,17 +163,13 @@ def _run_stat(x, NORM: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _load_gain(gamma_ptr, gamma_offset, START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr,
-               SPLIT: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-               INTERPRET: tl.constexpr):
-    """The gain ``gamma (+ offset)`` of one run of blocks in float32, once for each of ``ROWS`` rows (from
-    L1), ``[ROWS, SPLIT, NB, BLOCK // SPLIT]``: laid out as the rows' run is, so multiplying needs no layout
+def _load_gain(gamma_ptr, START, NB: tl.constexpr, VALID: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+               ROWS: tl.constexpr, PAIRS: tl.constexpr, INTERPRET: tl.constexpr):
+    """The gain of one run of blocks in float32, once for each of ``ROWS`` rows (from L1),
+    ``[ROWS, SPLIT, NB, BLOCK // SPLIT]``: laid out as the rows' run is, so multiplying needs no layout
     conversion."""
     every_row = tl.zeros((ROWS,), tl.int64)
-    gain = _load_run(gamma_ptr, every_row, every_row == 0, START, NB, VALID, BLOCK, SPLIT, PAIRS, INTERPRET, "")
-    if HAS_OFFSET:
-        gain = gain + gamma_offset
-    return gain
+    return _load_run(gamma_ptr, every_row, every_row == 0, START, NB, VALID, BLOCK, SPLIT, PAIRS, INTERPRET, "")
 
 
 @triton.jit
@@ -224,30 +226,18 @@ def _cast_run(x, rho, gain, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, sc
 
 
 @triton.jit
-def _float64_from_halves(hi, lo):
-    """The float64 whose bit pattern is ``hi << 32 | lo`` (two int32 kernel arguments).
-
-    Python floats reach a kernel as float32, and Inductor (torch 2.11) cannot pass
-    integers beyond 32 bits to a user-defined kernel, hence the halves.
-    """
-    hi64 = tl.cast(hi, tl.int64)
-    lo64 = tl.cast(tl.cast(lo, tl.uint32, bitcast=True), tl.int64)
-    return tl.cast((hi64 << 32) | lo64, tl.float64, bitcast=True)
-
-
-@triton.jit
-def _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
-         NORM: tl.constexpr, P: tl.constexpr, EPS_IN_ROOT: tl.constexpr, INTERPRET: tl.constexpr):
-    """``rho = 1 / r`` per row from the summed statistic, rounded exactly as the reference rounds it."""
+def _rho(stat, eps, correction, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr, P: tl.constexpr,
+         EPS_IN_ROOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """``rho = 1 / r`` per row from the summed statistic, rounded exactly as the reference rounds it
+    (``eps`` and ``correction`` float64 scalars)."""
     if NORM == 0:
         power_mean = stat / (HIDDEN // BLOCK)  # float64 division is IEEE
         if P == 2:
             power_mean = tl.sqrt(power_mean)  # float64 square root is IEEE
-        correction = _float64_from_halves(correction_hi, correction_lo)
-        eps = _float64_from_halves(eps_hi, eps_lo)
         r = (_mul_no_fma_f64(tl.broadcast_to(correction, power_mean.shape), power_mean, INTERPRET) + eps)
         r = r.to(tl.float32)
     else:
+        eps_f32 = eps.to(tl.float32)
         mean_sq = tl.div_rn(stat, HIDDEN * 1.0)
         if EPS_IN_ROOT:
             r = tl.sqrt_rn(mean_sq + eps_f32)
@@ -257,18 +247,39 @@ def _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN: tl
 
 
 @triton.jit
-def _gain_tensor_scale_kernel(gamma_ptr, tscale_ptr, gamma_offset, tscale_base, HIDDEN: tl.constexpr,
-                              CHUNK: tl.constexpr, HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
+def _static_scale_base(correction, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, FMT: tl.constexpr,
+                       NORM: tl.constexpr, P: tl.constexpr):
+    """The per-tensor scale before any gain (``reference.static_scale_base``), float32: from the norm's output
+    bound ``K**(1/p) / c`` (MXNorm) or ``sqrt(D)`` (RMSNorm) in float64; FP8: the power of two above
+    ``bound / 448`` (its float64 exponent, one higher unless the mantissa bits are all zero), NVFP4:
+    ``bound / (6 * 448)``; 1 for MXFP8."""
+    if FMT == 0:
+        return tl.cast(1.0, tl.float32)
+    if NORM == 0:
+        blocks = tl.cast(HIDDEN // BLOCK, tl.float64)
+        if P == 2:
+            blocks = tl.sqrt(blocks)
+        bound = blocks / correction
+    else:
+        bound = tl.sqrt(tl.cast(HIDDEN, tl.float64))
+    if FMT == 2:
+        bits = tl.cast(bound / E4M3_MAX, tl.int64, bitcast=True)
+        exponent = bits >> 52
+        exponent += ((bits & _FLOAT64_MANTISSA) != 0).to(tl.int64)
+        return tl.cast(exponent << 52, tl.float64, bitcast=True).to(tl.float32)
+    return (bound / NVFP4_SCALE_RANGE).to(tl.float32)
+
+
+@triton.jit
+def _gain_tensor_scale_kernel(gamma_ptr, tscale_ptr, correction_ptr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
+                              NORM: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, INTERPRET: tl.constexpr):
     """The NVFP4 per-tensor scale ``max(base * max|gain|, 2**-120)`` (NaN if the gain has one), by one
     program, before the cast: every program of the cast reads it instead of reducing the gain itself."""
-    gamma_offset = tl.cast(gamma_offset, tl.float32)
-    tscale_base = tl.cast(tscale_base, tl.float32)
+    tscale_base = _static_scale_base(tl.load(correction_ptr), HIDDEN, BLOCK, 1, NORM, P)
     gain_max = tl.zeros((CHUNK,), tl.float32)
     for start in range(0, HIDDEN, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         gain = to_float32(tl.load(gamma_ptr + offs, mask=offs < HIDDEN, other=0.0), INTERPRET)
-        if HAS_OFFSET:
-            gain = tl.where(offs < HIDDEN, gain + gamma_offset, 0.0)
         gain_max = _max_keep_nan(gain_max, tl.abs(gain))
     # (an all-zero gain would make the scale 0 and the cast 0 * (1 / 0) = NaN)
     tscale = tl.maximum(tscale_base * tl.reduce(gain_max, 0, _max_keep_nan), MIN_TENSOR_SCALE,
@@ -278,31 +289,28 @@ def _gain_tensor_scale_kernel(gamma_ptr, tscale_ptr, gamma_offset, tscale_base, 
 
 @triton.jit
 def _norm_cast_kernel(
-    x_ptr, gamma_ptr, data_ptr, scales_ptr, rho_ptr, tscale_ptr,
-    n_rows, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, gamma_offset, tscale_base,
+    x_ptr, gamma_ptr, data_ptr, scales_ptr, rho_ptr, tscale_ptr, eps_ptr, correction_ptr, n_rows,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     N0: tl.constexpr, V0: tl.constexpr,
     S1: tl.constexpr, N1: tl.constexpr, V1: tl.constexpr,
     S2: tl.constexpr, N2: tl.constexpr, V2: tl.constexpr,
     CHUNK: tl.constexpr, SPLIT: tl.constexpr,
     FMT: tl.constexpr, NORM: tl.constexpr, P: tl.constexpr, EPS_IN_ROOT: tl.constexpr,
-    SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    SCALE_MODE: tl.constexpr, HAS_GAMMA: tl.constexpr,
     SWIZZLE: tl.constexpr, SWIZZLE_COL_TILES: tl.constexpr, HW_FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Each program casts ``ROWS`` rows. ``CHUNK == 0``: the rows stay in registers between the reduction
     and the cast; ``CHUNK > 0``: two loops over chunks of ``CHUNK`` blocks, the second re-reading the rows
     the first just read (from L2): fewer registers, more rows in flight."""
-    # float scalars arrive as float32 from Triton's launcher but may arrive as float64 from Inductor
-    eps_f32 = tl.cast(eps_f32, tl.float32)
-    gamma_offset = tl.cast(gamma_offset, tl.float32)
-    tscale_base = tl.cast(tscale_base, tl.float32)
+    eps = tl.load(eps_ptr)
+    correction = tl.load(correction_ptr)
 
     # the static per-tensor scale: NVFP4 with a gain reads what _gain_tensor_scale_kernel wrote
     GAIN_SETS_SCALE: tl.constexpr = HAS_GAMMA and FMT == 1
     if GAIN_SETS_SCALE:
         tscale = tl.load(tscale_ptr)
     else:
-        tscale = tscale_base
+        tscale = _static_scale_base(correction, HIDDEN, BLOCK, FMT, NORM, P)
     tscale_rcp, tscale_inv = nvfp4_tensor_scale_inverses(tscale)
 
     PAIRS: tl.constexpr = FMT == 1
@@ -318,19 +326,18 @@ def _norm_cast_kernel(
         if N2 > 0:
             x2 = _load_run(x_ptr, row_offs, row_mask, S2, N2, V2, BLOCK, SPLIT, PAIRS, INTERPRET, "")
             stat += _run_stat(x2, NORM, P)
-        rho = _rho(stat, correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK, NORM, P, EPS_IN_ROOT,
-                   INTERPRET)
+        rho = _rho(stat, eps, correction, HIDDEN, BLOCK, NORM, P, EPS_IN_ROOT, INTERPRET)
         # (the gain after the reduction: loaded before it, the float32 gain stayed live across it, 85
         # registers a thread instead of 64 for NVFP4 at D = 4096)
         g0 = 0.0
         g1 = 0.0
         g2 = 0.0
         if HAS_GAMMA:
-            g0 = _load_gain(gamma_ptr, gamma_offset, 0, N0, V0, BLOCK, SPLIT, ROWS, PAIRS, HAS_OFFSET, INTERPRET)
+            g0 = _load_gain(gamma_ptr, 0, N0, V0, BLOCK, SPLIT, ROWS, PAIRS, INTERPRET)
             if N1 > 0:
-                g1 = _load_gain(gamma_ptr, gamma_offset, S1, N1, V1, BLOCK, SPLIT, ROWS, PAIRS, HAS_OFFSET, INTERPRET)
+                g1 = _load_gain(gamma_ptr, S1, N1, V1, BLOCK, SPLIT, ROWS, PAIRS, INTERPRET)
             if N2 > 0:
-                g2 = _load_gain(gamma_ptr, gamma_offset, S2, N2, V2, BLOCK, SPLIT, ROWS, PAIRS, HAS_OFFSET, INTERPRET)
+                g2 = _load_gain(gamma_ptr, S2, N2, V2, BLOCK, SPLIT, ROWS, PAIRS, INTERPRET)
         _cast_run(x0, rho, g0, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, 0, N0, V0, BLOCK, SPLIT,
                   HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
         if N1 > 0:
@@ -350,15 +357,13 @@ def _norm_cast_kernel(
             xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, PAIRS, INTERPRET,
                            "evict_last")
             partial += _block_stat(xc, NORM, P)
-        rho = _rho(tl.sum(partial, axis=1), correction_hi, correction_lo, eps_hi, eps_lo, eps_f32, HIDDEN, BLOCK,
-                   NORM, P, EPS_IN_ROOT, INTERPRET)
+        rho = _rho(tl.sum(partial, axis=1), eps, correction, HIDDEN, BLOCK, NORM, P, EPS_IN_ROOT, INTERPRET)
         for c in range(NUM_CHUNKS):
             xc = _load_run(x_ptr, row_offs, row_mask, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, PAIRS, INTERPRET,
                            "evict_first")
             gc = 0.0
             if HAS_GAMMA:
-                gc = _load_gain(gamma_ptr, gamma_offset, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, ROWS, PAIRS,
-                                HAS_OFFSET, INTERPRET)
+                gc = _load_gain(gamma_ptr, c * CHUNK, CHUNK, CHUNK, BLOCK, SPLIT, ROWS, PAIRS, INTERPRET)
             _cast_run(xc, rho, gc, tscale_rcp, tscale_inv, rows, row_mask, data_ptr, scales_ptr, c * CHUNK, CHUNK,
                       CHUNK, BLOCK, SPLIT, HIDDEN, FMT, SCALE_MODE, HAS_GAMMA, SWIZZLE, SWIZZLE_COL_TILES, HW_FP8)
     tl.store(rho_ptr + rows, rho, mask=row_mask)
@@ -446,29 +451,9 @@ def chunk_blocks_for(num_blocks: int, wanted: int) -> int:
     return min(largest_divisor, 1 << (wanted.bit_length() - 1))
 
 
-def static_tensor_scale_base(hidden: int, *, fmt: str, norm: str, p: int, correction: float) -> float:
-    """The NVFP4 per-tensor scale before the gain: ``bound / (6 * 448)`` (1.0 for MXFP8; FP8's static scale).
-
-    The same number as ``reference.activation_tensor_scale``; the kernel multiplies
-    it by ``max|gain|`` and writes the 0-d result, so no extra launch computes it.
-    """
-    spec = get_format(fmt)
-    if not spec.block_scaled:
-        return fp8_activation_scale(hidden, norm=norm, p=p, correction=correction)
-    if not spec.tensor_scale:
-        return 1.0
-    return norm_output_bound(hidden, fmt=fmt, norm=norm, p=p, correction=correction) / NVFP4_SCALE_RANGE
-
-
 def _has_fp8_conversion(device: torch.device) -> bool:
     """sm_89+ converts float32 to e4m3 in hardware (round to nearest even, saturating)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def _float64_halves(value: float) -> tuple[int, int]:
-    """The high and low 32 bits of a float64, each as a signed 32-bit integer."""
-    lo, hi = struct.unpack("<ii", struct.pack("<d", float(value)))
-    return hi, lo
 
 
 def swizzled_scales_numel(n_rows: int, num_blocks: int) -> int:
@@ -484,9 +469,8 @@ def norm_cast_triton(
     norm: str,
     p: int,
     scale_mode: str,
-    eps: float,
-    correction: float,
-    gamma_offset: float = 0.0,
+    eps: Scalar,
+    correction: Scalar,
     eps_in_root: bool = True,
     swizzle_scales: bool = False,
     launch_cfg: LaunchConfig | None = None,
@@ -496,7 +480,8 @@ def norm_cast_triton(
     With ``swizzle_scales`` the scales come back flat in the layout Blackwell's
     ``torch._scaled_mm`` reads (torchao's ``to_blocked`` of the ``(rows, blocks)``
     scale matrix, zero padded), instead of ``x.shape[:-1] + (blocks,)``.
-    ``launch_cfg`` overrides :func:`launch_config` (tests and tuning).
+    ``launch_cfg`` overrides :func:`launch_config` (tests and tuning). ``eps`` and ``correction`` as
+    the op passes them (0-d float64 tensors on ``x``'s device) or as floats.
     Arguments are checked by the op (``check_norm_cast_args``).
     """
     spec = get_format(fmt)
@@ -516,17 +501,19 @@ def norm_cast_triton(
     else:
         scales = torch.empty((n_rows, num_blocks), dtype=torch.uint8, device=x.device)
     rho = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-    tscale_base = static_tensor_scale_base(hidden, fmt=fmt, norm=norm, p=p, correction=correction)
+    eps, correction = (torch.full((), v, dtype=torch.float64, device=x.device) if not isinstance(v, torch.Tensor)
+                       else v for v in (eps, correction))
+    norm_code = _MXNORM if norm == "mxnorm" else _RMSNORM
 
     interpret = is_interpreted(_norm_cast_kernel)
     gamma = gamma.contiguous() if gamma is not None else None
     tscale = torch.empty((), dtype=torch.float32, device=x.device)
     if spec.tensor_scale and gamma is not None:
-        launch(_gain_tensor_scale_kernel, (1,), gamma, tscale, float(gamma_offset), tscale_base,
-               HIDDEN=hidden, CHUNK=min(triton.next_power_of_2(hidden), 4096), HAS_OFFSET=gamma_offset != 0.0,
-               INTERPRET=interpret, num_warps=4)
+        launch(_gain_tensor_scale_kernel, (1,), gamma, tscale, correction, HIDDEN=hidden, BLOCK=spec.block_size,
+               NORM=norm_code, P=p, CHUNK=min(triton.next_power_of_2(hidden), 4096), INTERPRET=interpret,
+               num_warps=4)
     elif n_rows == 0:  # no cast kernel to write it
-        tscale.fill_(tscale_base)
+        tscale = float32_scalar(static_scale_base(hidden, fmt=fmt, norm=norm, p=p, correction=correction), x.device)
 
     if n_rows:
         runs = block_runs(num_blocks)
@@ -539,16 +526,15 @@ def norm_cast_triton(
         grid = (triton.cdiv(n_rows, cfg.rows_per_program),)
         launch(
             _norm_cast_kernel, grid,
-            x2d, gamma if gamma is not None else x2d, data, scales, rho, tscale,
-            n_rows, *_float64_halves(correction), *_float64_halves(eps), float(eps), float(gamma_offset), tscale_base,
+            x2d, gamma if gamma is not None else x2d, data, scales, rho, tscale, eps, correction, n_rows,
             HIDDEN=hidden, BLOCK=spec.block_size, ROWS=cfg.rows_per_program,
             N0=runs[0].count, V0=runs[0].valid,
             S1=runs[1].start, N1=runs[1].count, V1=runs[1].valid,
             S2=runs[2].start, N2=runs[2].count, V2=runs[2].valid, CHUNK=chunk, SPLIT=cfg.block_split,
             FMT=_FP8 if not spec.block_scaled else _NVFP4 if spec.tensor_scale else _MXFP8,
-            NORM=_MXNORM if norm == "mxnorm" else _RMSNORM, P=p, EPS_IN_ROOT=bool(eps_in_root),
+            NORM=norm_code, P=p, EPS_IN_ROOT=bool(eps_in_root),
             SCALE_MODE=_RCEIL if scale_mode == "rceil" else _FLOOR,
-            HAS_GAMMA=gamma is not None, HAS_OFFSET=gamma is not None and gamma_offset != 0.0,
+            HAS_GAMMA=gamma is not None,
             SWIZZLE=bool(swizzle_scales), SWIZZLE_COL_TILES=triton.cdiv(num_blocks, _SWIZZLE_COLS),
             HW_FP8=hardware_fp8, INTERPRET=interpret,
             num_warps=cfg.num_warps,

@@ -150,8 +150,7 @@ def test_mx_linear_forward_runs_the_chosen_gemm(monkeypatch):
     monkeypatch.setitem(sys.modules, "mxrewrite.ops.kernels.mx_gemm", types.SimpleNamespace(triton_block_scaled_mm=spy))
     monkeypatch.setenv("MXREWRITE_MATMUL", "triton")
     y = torch.ops.mxrewrite.mx_linear(x, torch.ones(3, 5), q.data.reshape(3, 5, 64), q.scales.reshape(3, 5, 2),
-                                      q.tensor_scale, w, None, None, "mxfp8", "rceil", 0.0, False, 1.0, torch.float32,
-                                      "mx")
+                                      q.tensor_scale, w, None, None, "mxfp8", "rceil", False, 1.0, torch.float32, "mx")
     ((a, b, out_dtype),) = calls
     assert (a.elem_dtype, b.elem_dtype, out_dtype) == (torch.float8_e4m3fn, torch.float8_e4m3fn, torch.float32)
     assert (a.rows, b.rows) == (15, 48)

@@ -15,11 +15,13 @@ such a block are arbitrary, see ``mxrewrite.formats.nvfp4``).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from mxrewrite.formats import get_format, mx_quantize, nvfp4_quantize
-from mxrewrite.ops.reference import effective_gain, norm_cast_reference
+from mxrewrite.ops.reference import norm_cast_reference, static_scale_base
 from tests.helpers import edge_rows, generator, wide_range
 from tests.ops.kernels.conftest import INTERPRETED, run_interpreter_tests
 
@@ -39,7 +41,6 @@ from mxrewrite.ops.kernels.norm_cast import (  # noqa: E402
     chunk_blocks_for,
     launch_config,
     norm_cast_triton,
-    static_tensor_scale_base,
 )
 
 CORRECTION = 0.418492
@@ -107,12 +108,17 @@ def assert_no_difference(same: torch.Tensor, ours: torch.Tensor, ref: torch.Tens
                              f"(ours {ours[first].item():#04x}, reference {ref[first].item():#04x})")
 
 
-def reference_cast(x, gamma, rho, *, fmt, scale_mode, gamma_offset, tensor_scale):
+def applied_gain(gamma, gamma_offset):
+    """The gain a rewritten norm hands the cast: ``gamma``, or Gemma's ``1 + gamma`` in float32."""
+    return gamma.float() + gamma_offset if gamma is not None and gamma_offset else gamma
+
+
+def reference_cast(x, gamma, rho, *, fmt, scale_mode, tensor_scale):
     """The reference's cast of ``x * rho (* gain)`` for a given ``rho`` (``norm_cast_reference``'s tail)."""
     spec = get_format(fmt)
     xhat = x.float() * rho.unsqueeze(-1)
     if gamma is not None:
-        xhat = xhat * effective_gain(gamma, gamma_offset)
+        xhat = xhat * gamma.float()
     if not spec.block_scaled:
         data = (xhat / tensor_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
         scales = torch.empty((*x.shape[:-1], 0), dtype=torch.uint8)
@@ -125,10 +131,12 @@ def reference_cast(x, gamma, rho, *, fmt, scale_mode, gamma_offset, tensor_scale
 
 
 def check_against_reference(x, gamma, *, fmt, norm, p, eps_in_root=True, scale_mode="rceil", eps=1e-6,
-                            gamma_offset=0.0, what="", launch_cfg=None):
-    """Run the kernel on ``x`` (CPU or GPU) and compare with the reference evaluated on CPU."""
-    kwargs = dict(fmt=fmt, norm=norm, p=p, scale_mode=scale_mode, eps=eps, correction=CORRECTION,
-                  gamma_offset=gamma_offset, eps_in_root=eps_in_root)
+                            gamma_offset=0.0, correction=CORRECTION, what="", launch_cfg=None):
+    """Run the kernel on ``x`` (CPU or GPU) and compare with the reference evaluated on CPU; with
+    ``gamma_offset`` both get the gain ``gamma + offset`` (what a rewritten norm of Gemma's form passes)."""
+    gamma = applied_gain(gamma, gamma_offset)
+    kwargs = dict(fmt=fmt, norm=norm, p=p, scale_mode=scale_mode, eps=eps, correction=correction,
+                  eps_in_root=eps_in_root)
     data, scales, rho, tscale = norm_cast_triton(x, gamma, launch_cfg=launch_cfg, **kwargs)
     x_cpu = x.cpu()
     gamma_cpu = gamma.cpu() if gamma is not None else None
@@ -138,8 +146,7 @@ def check_against_reference(x, gamma, *, fmt, norm, p, eps_in_root=True, scale_m
     assert tscale.shape == () and tscale.dtype == torch.float32
     assert torch.equal(tscale.cpu().view(torch.int32), ref_tscale.view(torch.int32)), f"{what}: tensor scale"
     assert_rho_close(rho, ref_rho, 0 if norm == "mxnorm" else ULP_TOLERANCE_RMSNORM, what)
-    expected = reference_cast(x_cpu, gamma_cpu, rho.cpu(), fmt=fmt, scale_mode=scale_mode,
-                              gamma_offset=gamma_offset, tensor_scale=ref_tscale)
+    expected = reference_cast(x_cpu, gamma_cpu, rho.cpu(), fmt=fmt, scale_mode=scale_mode, tensor_scale=ref_tscale)
     if norm == "mxnorm":
         expected = (ref_data, ref_scales)
     assert_cast_equal(fmt, (data, scales), expected, what)
@@ -391,6 +398,21 @@ if INTERPRETED:
         for eps in (1e-6, 0.0):
             check_each_edge_row(rows, names, eps, "cpu", **kwargs)
 
+    def test_interp_static_scales_follow_the_constant():
+        """The per-tensor scale the kernel derives from the rescale constant (a tensor it loads) is the
+        reference's for calibrated-looking constants, and at the power-of-two edge: at hidden 224 (7 blocks
+        of 32), p=1 and c=1, FP8's bound / 448 is exactly 2**-6, which is the scale; c one ulp below 1
+        makes it 2**-5."""
+        x = gaussian_rows((3, 224), torch.bfloat16, seed=4)
+        below_one = math.nextafter(1.0, 0.0)
+        for correction in (1.0, below_one, 0.2, 0.371, 1.7):
+            check_against_reference(x, None, fmt="fp8", norm="mxnorm", p=1, correction=correction)
+            for gamma in (None, gain(224, torch.float32, 3)):
+                check_against_reference(x, gamma, fmt="nvfp4", norm="mxnorm", p=2, correction=correction)
+        for correction, scale in ((1.0, 2.0**-6), (below_one, 2.0**-5)):
+            tscale = check_against_reference(x, None, fmt="fp8", norm="mxnorm", p=1, correction=correction)[3]
+            assert tscale.item() == scale
+
     @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
     def test_interp_floor_scale_mode(norm, p, eps_in_root):
         for dtype in (torch.bfloat16, torch.float32):
@@ -452,8 +474,8 @@ if INTERPRETED:
                 for norm, p in (("rmsnorm", 2), ("mxnorm", 1)):
                     _, _, _, tscale = check_against_reference(x, gamma, fmt="nvfp4", norm=norm, p=p,
                                                               gamma_offset=1.0)
-                    assert tscale.item() < static_tensor_scale_base(hidden, fmt="nvfp4", norm=norm, p=p,
-                                                                    correction=CORRECTION)
+                    assert tscale.item() < static_scale_base(hidden, fmt="nvfp4", norm=norm, p=p,
+                                                             correction=CORRECTION)
 
     @pytest.mark.parametrize("fmt", FORMATS)
     def test_interp_row_counts_and_layouts(fmt):
@@ -580,10 +602,11 @@ def test_gpu_compiled_graph_contains_the_kernel(fmt):
     the per-tensor-scale kernel first), and computes the same bits."""
     from torch._inductor.utils import run_and_get_code
 
-    import mxrewrite.ops  # noqa: F401  (registers the ops)
+    from mxrewrite.ops import norm_constant
 
     def f(x, gamma):
-        return torch.ops.mxrewrite.norm_cast(x, gamma, fmt, "rmsnorm", 2, "rceil", 1e-6, CORRECTION, 1.0, True)
+        return torch.ops.mxrewrite.norm_cast(x, gamma.float() + 1.0, norm_constant(1e-6, "cuda"),
+                                             norm_constant(CORRECTION, "cuda"), fmt, "rmsnorm", 2, "rceil", True)
 
     x = gaussian_rows((256, 5120), torch.bfloat16, seed=0, device="cuda")
     gamma = gain(5120, torch.bfloat16, 1, "cuda")
@@ -599,12 +622,13 @@ def test_gpu_compiled_graph_contains_the_kernel(fmt):
 
 @gpu
 def test_gpu_op_runs_the_kernel():
-    import mxrewrite.ops  # noqa: F401
+    from mxrewrite.ops import norm_constant
 
     x = gaussian_rows((33, 4096), torch.float16, seed=2, device="cuda")
-    out = torch.ops.mxrewrite.norm_cast(x, None, "nvfp4", "rmsnorm", 2, "rceil", 1e-5, CORRECTION, 0.0, True)
+    out = torch.ops.mxrewrite.norm_cast(x, None, norm_constant(1e-5, "cuda"), norm_constant(CORRECTION, "cuda"),
+                                        "nvfp4", "rmsnorm", 2, "rceil", True)
     direct = norm_cast_triton(x, None, fmt="nvfp4", norm="rmsnorm", p=2, scale_mode="rceil", eps=1e-5,
-                              correction=CORRECTION, gamma_offset=0.0, eps_in_root=True)
+                              correction=CORRECTION, eps_in_root=True)
     for a, b in zip(out, direct):
         assert a.is_cuda and torch.equal(a, b)
 
