@@ -70,6 +70,7 @@ class Scenario:
     linears: str = "norm-fed"   # "all": wo and w2 cast their own inputs too (RowwiseParallel under TP)
     format: str = "mxfp8"
     atol_rel: float = 1e-6      # absolute tolerance, relative to the largest magnitude in the tensor
+    meta_init: bool = False     # built and optimized on the meta device, sharded, then to_empty + checkpoint
 
 
 SCENARIOS = {s.name: s for s in (
@@ -94,6 +95,12 @@ SCENARIOS = {s.name: s for s in (
     # under TP a rank's half of w2's input has a larger scale than the whole, so a few of its tiny elements
     # keep a bit more precision: 0.1% of w2's weight gradient differ, by about 2e-6 of its largest element
     Scenario("fsdp_torchtitan_llama_fp8", "torchtitan_llama", "fsdp", "mx", True, "all", "fp8"),
+    # torchtitan's order for a model too large for one device: build on the meta device, optimize there,
+    # fully_shard, to_empty, load the checkpoint. The rewritten norms' constants (eps, rescale; the FP8 static
+    # scale follows from them) are not in the checkpoint: the step equals the in-memory model's only if they
+    # came back after to_empty
+    Scenario("fsdp_torchtitan_llama_fp8_meta_init", "torchtitan_llama", "fsdp", "mx", True, "all", "fp8",
+             meta_init=True),
     Scenario("ddp_llama", "llama", "ddp", "hp", True),
     Scenario("ddp_torchtitan_llama_fp8", "torchtitan_llama", "ddp", "mx", True, "all", "fp8"),
     Scenario("tp_torchtitan_llama_fp8", "torchtitan_llama", "tp", "mx", False, "all", "fp8", atol_rel=1e-5),
@@ -107,12 +114,23 @@ TP_PLAN = {"attention.wq": "colwise", "attention.wk": "colwise", "attention.wv":
 # ---------------------------------------------------------------------------
 # one training step, the same code in the parent (reference) and on every rank
 
-def _build(scenario: Scenario) -> tuple[nn.Module, torch.Tensor]:
-    z = zoo.build(scenario.model, dtype=torch.float32, seed=0)
+def _build(scenario: Scenario, device: str = "cpu") -> tuple[nn.Module, torch.Tensor]:
+    with torch.device(device):
+        z = zoo.build(scenario.model, dtype=torch.float32, seed=0)
     opt = mxrewrite.optimize(z.model, (*z.args, z.kwargs), grad_cast=scenario.grad_cast, linears=scenario.linears,
                              format=scenario.format, progress=False)
     opt.train()
     return opt, z.args[0]
+
+
+def _materialize(model: nn.Module, scenario: Scenario) -> None:
+    """Give a sharded meta-device model storage and the zoo model's weights (a full checkpoint, each rank
+    keeping its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device="cpu")
+    checkpoint = zoo.build(scenario.model, dtype=torch.float32, seed=0).model.state_dict()
+    set_model_state_dict(model, checkpoint, options=StateDictOptions(full_state_dict=True))
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -233,7 +251,9 @@ def _run_scenario(scenario: Scenario, rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.manual_seed(0)
-    model, tokens = _build(scenario)
+    model, tokens = _build(scenario, "meta" if scenario.meta_init else "cpu")
+    if scenario.meta_init:
+        tokens = zoo.example_tokens()
     counter = MXCallCounter(model)
     runner = None
     if scenario.parallel == "ddp":
@@ -241,6 +261,8 @@ def _run_scenario(scenario: Scenario, rank: int) -> dict:
     else:
         mesh = init_device_mesh("cpu", (WORLD,))
         (_fsdp if scenario.parallel == "fsdp" else _tp)(model, mesh)
+    if scenario.meta_init:
+        _materialize(model, scenario)
     placements = _placements(model)
     if scenario.split_batch:
         tokens = tokens.chunk(WORLD)[rank]
