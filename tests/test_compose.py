@@ -413,16 +413,19 @@ def test_per_layer_compile_inductor(name):
 # layer again and failed past recompile_limit) and under dynamic=True make them symbolic floats that a
 # NormCastTensor's metadata cannot carry.
 
-DYNAMIC_RECIPES = [dict(), dict(format="fp8", linears="all"), dict(format="nvfp4", norm="rmsnorm"),
-                   dict(rescale="calibrated")]
+DYNAMIC_CASES = [("torchtitan_llama", dict()), ("torchtitan_llama", dict(format="fp8", linears="all")),
+                 ("torchtitan_llama", dict(format="nvfp4", norm="rmsnorm")),
+                 ("torchtitan_llama", dict(rescale="calibrated")),
+                 ("gemma", dict())]  # Gemma: the gain offset (1 + weight)
 
 
-@pytest.mark.parametrize("recipe", DYNAMIC_RECIPES, ids=lambda r: "-".join(map(str, r.values())) or "default")
-def test_compile_dynamic_true(recipe):
+@pytest.mark.parametrize("name,recipe", DYNAMIC_CASES,
+                         ids=[f"{n}-" + ("-".join(map(str, r.values())) or "default") for n, r in DYNAMIC_CASES])
+def test_compile_dynamic_true(name, recipe):
     """The graph compiled for the first shape serves the next (no recompile), computing what eager does
     (aot_eager: the same ops, so the same bits). (Dynamo may compile the first frame twice: it restarts its
     analysis once when it specialises a float it had made symbolic.)"""
-    z = zoo.build("torchtitan_llama")
+    z = zoo.build(name)
     opt = optimize(z.model, z.args, progress=False, **recipe).train()
     names, params = zip(*trainable(opt))
     backend = CountingBackend("aot_eager")
