@@ -1,8 +1,10 @@
-"""MXRMSNorm's constants buffer: exact through dtype moves and meta-device initialisation, never saved."""
+"""MXRMSNorm's constants buffer: exact through dtype moves, meta-device initialisation and pickling; never saved
+in a state_dict."""
 
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -67,3 +69,18 @@ def test_meta_device_initialisation_restores_the_constants(name, recipe):
     with torch.no_grad():
         torch.testing.assert_close(logits(skeleton, z), logits(opt, z), rtol=0, atol=0)
     assert [n.constants for n in norms(skeleton)] == [n.constants for n in norms(opt)]
+
+
+@pytest.mark.parametrize("name,recipe", CASES, ids=[c[0] for c in CASES])
+def test_a_saved_model_loads_and_computes_the_same(name, recipe):
+    """``torch.save`` of the whole optimized model (and any pickling: spawned workers, deep copies)."""
+    if name == "gemma":
+        pytest.importorskip("transformers")
+    z, opt = optimized(name, recipe)
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert [n.constants for n in norms(loaded)] == [n.constants for n in norms(opt)]
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded, z), logits(opt, z), rtol=0, atol=0)
