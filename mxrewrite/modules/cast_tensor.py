@@ -6,7 +6,10 @@ the norm's output ``h = alpha * x * rho * gain`` (``rho`` the MXNorm estimate or
 the exact RMSNorm factor); it carries, as inner tensors, what produced it: the
 input ``x``, ``rho``, the block-scaled cast (``elems``, ``scales``, per-tensor
 ``tensor_scale``), the gain as applied (Gemma's ``1 + weight``) and the norm's
-``eps``. The model's own code then passes it on as it was written:
+``eps``; under ``format="fp8"`` with gradients on, also the cast transposed
+(``elems_t``: the layout the weight-gradient GEMMs read), made once for all the
+linears the norm feeds (q, k and v each transposed it in their backward). The
+model's own code then passes it on as it was written:
 
 * an :class:`~mxrewrite.modules.MXLinear` (any number of them: q, k and v share
   one cast) multiplies the cast directly, with the gain folded into its weight;
@@ -77,7 +80,7 @@ class NormConstants(NamedTuple):
 
 
 EPS, CORRECTION, GAIN_OFFSET = range(3)  # positions in NormConstants.tensor()
-_INNER = ("x", "rho", "elems", "scales", "tensor_scale", "gain", "eps")
+_INNER = ("x", "rho", "elems", "scales", "tensor_scale", "gain", "eps", "elems_t")
 
 
 class NormCastTensor(torch.Tensor):
@@ -90,17 +93,18 @@ class NormCastTensor(torch.Tensor):
     tensor_scale: torch.Tensor
     gain: torch.Tensor | None   # as the norm applies it (Gemma: 1 + weight)
     eps: torch.Tensor           # 0-d float64
+    elems_t: torch.Tensor | None  # FP8 training: elems of the rows flattened, transposed, contiguous
     settings: CastSettings
     alpha: float
 
     @staticmethod
-    def __new__(cls, x, rho, elems, scales, tensor_scale, gain, eps, settings, alpha, dtype):
+    def __new__(cls, x, rho, elems, scales, tensor_scale, gain, eps, elems_t, settings, alpha, dtype):
         return torch.Tensor._make_wrapper_subclass(cls, x.shape, dtype=dtype, device=x.device,
                                                    requires_grad=False)
 
-    def __init__(self, x, rho, elems, scales, tensor_scale, gain, eps, settings, alpha, dtype):
-        self.x, self.rho, self.elems, self.scales, self.tensor_scale, self.gain, self.eps = (
-            x, rho, elems, scales, tensor_scale, gain, eps)
+    def __init__(self, x, rho, elems, scales, tensor_scale, gain, eps, elems_t, settings, alpha, dtype):
+        self.x, self.rho, self.elems, self.scales, self.tensor_scale, self.gain, self.eps, self.elems_t = (
+            x, rho, elems, scales, tensor_scale, gain, eps, elems_t)
         self.settings, self.alpha = settings, alpha
 
     def __repr__(self) -> str:
@@ -109,13 +113,13 @@ class NormCastTensor(torch.Tensor):
 
     def __tensor_flatten__(self):
         names = [n for n in _INNER if getattr(self, n) is not None]
-        return names, (self.settings, self.alpha, self.dtype, "gain" in names)
+        return names, (self.settings, self.alpha, self.dtype)
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        settings, alpha, dtype, has_gain = meta
+        settings, alpha, dtype = meta
         return NormCastTensor(inner["x"], inner["rho"], inner["elems"], inner["scales"], inner["tensor_scale"],
-                              inner["gain"] if has_gain else None, inner["eps"], settings, alpha, dtype)
+                              inner.get("gain"), inner["eps"], inner.get("elems_t"), settings, alpha, dtype)
 
     def replace(self, **changes: Any) -> "NormCastTensor":
         fields = {n: getattr(self, n) for n in _INNER}
@@ -123,10 +127,12 @@ class NormCastTensor(torch.Tensor):
         fields.update(changes)
         return NormCastTensor(**fields)
 
-    def rows_view(self, fn) -> "NormCastTensor":
-        """Apply a row-preserving view ``fn`` (on ``x``'s shape) to every per-row inner tensor."""
+    def rows_view(self, fn, keeps_order: bool) -> "NormCastTensor":
+        """Apply a row-preserving view ``fn`` (on ``x``'s shape) to every per-row inner tensor. ``elems_t``
+        (the rows in their flattened order) stays only if ``keeps_order`` (reshapes, not slices or
+        permutations of the leading dims)."""
         return self.replace(x=fn(self.x), rho=fn(self.rho.unsqueeze(-1)).squeeze(-1), elems=fn(self.elems),
-                            scales=fn(self.scales))
+                            scales=fn(self.scales), elems_t=self.elems_t if keeps_order else None)
 
     def exact(self) -> torch.Tensor:
         """The exact RMSNorm output this tensor stands for, as a plain tensor (what non-MX consumers read)."""
@@ -167,14 +173,14 @@ def _view(t: NormCastTensor, size, *_) -> NormCastTensor | None:
         size[size.index(-1)] = t.numel() // known if known else 0
     if not size or size[-1] != t.shape[-1]:
         return None
-    return t.rows_view(lambda v: v.reshape(*size[:-1], v.shape[-1]))
+    return t.rows_view(lambda v: v.reshape(*size[:-1], v.shape[-1]), keeps_order=True)
 
 
 def _unsqueeze(t: NormCastTensor, dim: int) -> NormCastTensor | None:
     if _last_dim(t.dim() + 1, dim):
         return None
     dim = dim % (t.dim() + 1)
-    return t.rows_view(lambda v: v.unsqueeze(dim))
+    return t.rows_view(lambda v: v.unsqueeze(dim), keeps_order=True)
 
 
 def _squeeze(t: NormCastTensor, dims=None) -> NormCastTensor | None:
@@ -189,37 +195,38 @@ def _squeeze(t: NormCastTensor, dims=None) -> NormCastTensor | None:
             v = v.squeeze(d)
         return v
 
-    return t.rows_view(squeeze)
+    return t.rows_view(squeeze, keeps_order=True)
 
 
 def _slice(t: NormCastTensor, dim: int = 0, start=None, end=None, step: int = 1) -> NormCastTensor | None:
     if _last_dim(t.dim(), dim):
         return None
-    return t.rows_view(lambda v: aten.slice.Tensor(v, dim % t.dim(), start, end, step))
+    return t.rows_view(lambda v: aten.slice.Tensor(v, dim % t.dim(), start, end, step), keeps_order=False)
 
 
 def _select(t: NormCastTensor, dim: int, index: int) -> NormCastTensor | None:
     if _last_dim(t.dim(), dim):
         return None
-    return t.rows_view(lambda v: v.select(dim % t.dim(), index))
+    return t.rows_view(lambda v: v.select(dim % t.dim(), index), keeps_order=False)
 
 
 def _transpose(t: NormCastTensor, dim0: int, dim1: int) -> NormCastTensor | None:
     if _last_dim(t.dim(), dim0) or _last_dim(t.dim(), dim1):
         return None
-    return t.rows_view(lambda v: v.transpose(dim0 % t.dim(), dim1 % t.dim()))
+    return t.rows_view(lambda v: v.transpose(dim0 % t.dim(), dim1 % t.dim()), keeps_order=False)
 
 
 def _permute(t: NormCastTensor, dims) -> NormCastTensor | None:
     dims = [d % t.dim() for d in dims]
     if dims[-1] != t.dim() - 1:
         return None
-    return t.rows_view(lambda v: v.permute(*dims))
+    return t.rows_view(lambda v: v.permute(*dims), keeps_order=False)
 
 
 def _same(op):
     def apply(t: NormCastTensor, *args, **kwargs) -> NormCastTensor:
-        return t.replace(**{n: op(getattr(t, n)) for n in ("x", "rho", "elems", "scales")})
+        changed = {n: op(getattr(t, n)) for n in ("x", "rho", "elems", "scales")}
+        return t.replace(**changed, elems_t=op(t.elems_t) if t.elems_t is not None else None)
     return apply
 
 
@@ -281,12 +288,13 @@ class _NormCast(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gain: torch.Tensor | None, eps: torch.Tensor, correction: torch.Tensor,
-                settings: CastSettings) -> NormCastTensor:
+                settings: CastSettings, transposed: bool) -> NormCastTensor:
         s = settings
         elems, scales, rho, tensor_scale = torch.ops.mxrewrite.norm_cast(
             x, gain if s.gain_in_cast else None, eps, correction, s.fmt, s.norm, s.p, s.scale_mode, s.eps_in_root)
         ctx.save_for_backward(x, rho, gain)
-        return NormCastTensor(x, rho, elems, scales, tensor_scale, gain, eps, settings, 1.0, x.dtype)
+        elems_t = elems.reshape(-1, x.shape[-1]).t().contiguous() if transposed else None
+        return NormCastTensor(x, rho, elems, scales, tensor_scale, gain, eps, elems_t, settings, 1.0, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
@@ -298,7 +306,7 @@ class _NormCast(torch.autograd.Function):
                                                            gain.float() if gain is not None else None)
         if gain is not None and ctx.needs_input_grad[1]:
             grad_gain = (normalize(x, rho) * grad_h.float()).reshape(-1, x.shape[-1]).sum(0).to(gain.dtype)
-        return grad_x, grad_gain, None, None, None
+        return grad_x, grad_gain, None, None, None, None
 
 
 def norm_cast_tensor(x: torch.Tensor, gain: torch.Tensor | None, constants: torch.Tensor,
@@ -306,4 +314,5 @@ def norm_cast_tensor(x: torch.Tensor, gain: torch.Tensor | None, constants: torc
     """Normalise ``x``, multiply by ``gain`` (as the norm applies it) and cast it once
     (``mxrewrite::norm_cast``), returning the :class:`NormCastTensor`. ``constants`` is
     :meth:`NormConstants.tensor` (the gain offset is not read here: it is in ``gain`` already)."""
-    return _NormCast.apply(x, gain, constants[EPS], constants[CORRECTION], settings)
+    transposed = settings.fmt == "fp8" and settings.grad_cast != "hp" and torch.is_grad_enabled()
+    return _NormCast.apply(x, gain, constants[EPS], constants[CORRECTION], settings, transposed)

@@ -84,14 +84,16 @@ class Fp8CastLinear(torch.autograd.Function):
         w_data, w_scale = fp8_quantize(weight.float() * gain if gain is not None else weight, E4M3)
         x_scale = h.tensor_scale * h.alpha if h.alpha != 1.0 else h.tensor_scale
         y = _add_bias(fp8_mm(data, w_data, x_scale, w_scale, h.dtype, fast_accum=FAST_ACCUM_FORWARD), bias)
-        ctx.save_for_backward(data, x_scale, h.x, h.rho, gain, weight)
+        # the weight gradient reads the cast transposed: the norm's copy when it made one
+        ctx.save_for_backward(h.elems_t if h.elems_t is not None else data, x_scale, h.x, h.rho, gain, weight)
+        ctx.transposed = h.elems_t is not None
         ctx.grad_cast, ctx.input_dtype, ctx.alpha = s.grad_cast, h.dtype, h.alpha
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*h.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        data, x_scale, x, rho, gain, weight = ctx.saved_tensors
+        cast, x_scale, x, rho, gain, weight = ctx.saved_tensors
         hidden, out_features = x.shape[-1], weight.shape[0]
         grad = grad_out.reshape(-1, out_features)
         grad_h = grad_w = grad_b = None
@@ -104,8 +106,11 @@ class Fp8CastLinear(torch.autograd.Function):
                 if ctx.alpha != 1.0:
                     grad_w = grad_w * ctx.alpha
         else:  # (x_scale carries alpha)
-            grad_h, grad_w = _fp8_backward(grad, weight, _transposed(data) if ctx.needs_input_grad[1] else None,
-                                           x_scale, ctx.grad_cast, ctx.input_dtype if ctx.needs_input_grad[0] else None)
+            data_t = None
+            if ctx.needs_input_grad[1]:
+                data_t = cast.view(E4M3) if ctx.transposed else _transposed(cast)
+            grad_h, grad_w = _fp8_backward(grad, weight, data_t, x_scale, ctx.grad_cast,
+                                           ctx.input_dtype if ctx.needs_input_grad[0] else None)
         if grad_h is not None:
             grad_h = grad_h.reshape(*x.shape[:-1], hidden)
         if grad_w is not None:
