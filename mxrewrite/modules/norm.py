@@ -44,7 +44,7 @@ class MXRMSNorm(nn.Module):
         self.gain_name = gain
         self.settings = settings
         self.constants = constants
-        self.adds_gain_offset = constants.gain_offset != 0.0
+        self.adds_gain_offset = constants.gain_offset != 0.0  # (a bool: forward reads no float of constants)
         self.source_class = type(norm).__name__
         # unit_scaling's RMSNorm scales its gain's gradient by sqrt(D / numel(x)): keep that backward scale
         self.unit_scaled_gain = gain is not None and type(norm).__module__.startswith("unit_scaling")

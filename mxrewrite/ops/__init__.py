@@ -25,8 +25,8 @@ from mxrewrite.ops.compile_cache import tag_compile_caches
 from mxrewrite.ops.mx_linear import GRAD_CASTS, mx_linear
 from mxrewrite.ops.norm_backward import rms_norm_backward
 from mxrewrite.ops.mxnorm_constants import gaussian_correction
-from mxrewrite.ops.norm_cast import norm_cast, norm_constant
-from mxrewrite.ops.reference import NORMS
+from mxrewrite.ops.norm_cast import norm_cast
+from mxrewrite.ops.reference import NORMS, norm_constant
 
 tag_compile_caches()
 

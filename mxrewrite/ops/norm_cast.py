@@ -38,7 +38,7 @@ def check_norm_cast_args(x: torch.Tensor, gamma: torch.Tensor | None, eps: torch
         if value.shape != () or value.dtype != torch.float64 or value.device != x.device:
             raise ConfigError(f"norm_cast takes {name} as a 0-d float64 tensor on the input's device ({x.device}), "
                               f"got {value.dtype} of shape {tuple(value.shape)} on {value.device}; pass "
-                              f"torch.tensor({name}, dtype=torch.float64, device=x.device)")
+                              f"mxrewrite.ops.norm_constant({name}, x.device)")
     if gamma is not None:
         if not spec.block_scaled:
             raise ConfigError(f"the {spec.name} norm cast takes no gain (its static scale assumes |x * rho| is "
@@ -96,8 +96,3 @@ def _backward(ctx, *grads):
 
 
 norm_cast.register_autograd(_backward, setup_context=_setup_context)
-
-
-def norm_constant(value: float, device: torch.device | str | None = None) -> torch.Tensor:
-    """``value`` as the 0-d float64 tensor ``norm_cast`` takes for ``eps`` and ``correction``."""
-    return torch.tensor(value, dtype=torch.float64, device=device)

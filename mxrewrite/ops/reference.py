@@ -107,6 +107,14 @@ def static_scale_base(hidden: int, *, fmt: str, norm: str, p: int, correction: S
     return norm_output_bound(hidden, fmt=fmt, norm=norm, p=p, correction=correction) / NVFP4_SCALE_RANGE
 
 
+def norm_constant(value: Scalar, device: torch.device | str | None = None) -> torch.Tensor:
+    """``value`` as the 0-d float64 tensor ``norm_cast`` takes for ``eps`` and ``correction`` (a tensor is
+    returned as it is; a float is filled on ``device``: no host-to-device copy)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.full((), value, dtype=torch.float64, device=device)
+
+
 def float32_scalar(value: Scalar, device: torch.device | None) -> torch.Tensor:
     """A 0-d float32 tensor on ``device``: a float is filled there (no host-to-device copy: CUDA-graph safe),
     a tensor converted (rounded to nearest)."""

@@ -69,7 +69,7 @@ from mxrewrite.ops.kernels.codecs import (
     to_float32,
 )
 from mxrewrite.ops.kernels.launch import is_interpreted, launch
-from mxrewrite.ops.reference import Scalar, check_norm_args, float32_scalar, static_scale_base
+from mxrewrite.ops.reference import Scalar, check_norm_args, float32_scalar, norm_constant, static_scale_base
 
 # fmt / norm / scale mode codes passed to the kernel as constexprs
 _MXFP8, _NVFP4, _FP8 = 0, 1, 2
@@ -275,7 +275,7 @@ def _gain_tensor_scale_kernel(gamma_ptr, tscale_ptr, correction_ptr, HIDDEN: tl.
                               NORM: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, INTERPRET: tl.constexpr):
     """The NVFP4 per-tensor scale ``max(base * max|gain|, 2**-120)`` (NaN if the gain has one), by one
     program, before the cast: every program of the cast reads it instead of reducing the gain itself."""
-    tscale_base = _static_scale_base(tl.load(correction_ptr), HIDDEN, BLOCK, 1, NORM, P)
+    tscale_base = _static_scale_base(tl.load(correction_ptr), HIDDEN, BLOCK, 1, NORM, P)  # (FMT 1: NVFP4)
     gain_max = tl.zeros((CHUNK,), tl.float32)
     for start in range(0, HIDDEN, CHUNK):
         offs = start + tl.arange(0, CHUNK)
@@ -501,8 +501,7 @@ def norm_cast_triton(
     else:
         scales = torch.empty((n_rows, num_blocks), dtype=torch.uint8, device=x.device)
     rho = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-    eps, correction = (torch.full((), v, dtype=torch.float64, device=x.device) if not isinstance(v, torch.Tensor)
-                       else v for v in (eps, correction))
+    eps, correction = norm_constant(eps, x.device), norm_constant(correction, x.device)
     norm_code = _MXNORM if norm == "mxnorm" else _RMSNORM
 
     interpret = is_interpreted(_norm_cast_kernel)
