@@ -290,3 +290,11 @@ def test_opcheck_rms_norm_backward():
     torch.library.opcheck(rms_norm_backward.default,
                           (torch.randn(2, 2, 32), torch.randn(2, 2, 32, dtype=torch.bfloat16), torch.rand(2, 2)))
     torch.library.opcheck(rms_norm_backward.default, (torch.randn(3, 64), x, torch.rand(3), torch.randn(64)))
+
+
+def test_constants_must_be_float64_tensors_on_the_input_device():
+    x = torch.randn(2, 64)
+    with pytest.raises(ConfigError, match="0-d float64 tensor.*norm_constant"):
+        norm_cast(x, None, torch.tensor(EPS), norm_constant(0.4), "mxfp8", "mxnorm", 2, "rceil", True)
+    with pytest.raises(ConfigError, match="correction as a 0-d float64"):
+        norm_cast(x, None, norm_constant(EPS), torch.tensor([0.4, 0.4], dtype=torch.float64), "mxfp8", "mxnorm", 2, "rceil", True)
