@@ -40,9 +40,6 @@ def check_norm_cast_args(x: torch.Tensor, gamma: torch.Tensor | None, eps: torch
                               f"got {value.dtype} of shape {tuple(value.shape)} on {value.device}; pass "
                               f"mxrewrite.ops.norm_constant({name}, x.device)")
     if gamma is not None:
-        if not spec.block_scaled:
-            raise ConfigError(f"the {spec.name} norm cast takes no gain (its static scale assumes |x * rho| is "
-                              "bounded by the norm alone): fold the gain into the weights and pass gamma=None")
         if gamma.dtype not in SUPPORTED_INPUT_DTYPES:
             raise UnsupportedDtypeError.for_dtype(gamma.dtype, SUPPORTED_INPUT_DTYPES, "norm gain gamma")
         if gamma.shape != x.shape[-1:]:

@@ -91,7 +91,8 @@ def fp8_activation_scale(hidden: int, *, norm: str, p: int, correction: Scalar) 
 
     The norm bounds ``|x * rho|``, so the scale needs no reduction over the tensor
     (:func:`mxrewrite.formats.fp8.static_scale`: the power of two above ``bound / 448``).
-    The gain is folded into the weights, never applied before this cast.
+    Without a gain: the gain is folded into the weights, or applied before the cast and the scale set by
+    :func:`activation_tensor_scale`.
     """
     return static_scale(norm_output_bound(hidden, fmt="fp8", norm=norm, p=p, correction=correction))
 
@@ -127,19 +128,28 @@ def activation_tensor_scale(
     hidden: int, gamma: torch.Tensor | None, *, fmt: str, norm: str, p: int, correction: Scalar,
     device: torch.device | None = None,
 ) -> torch.Tensor:
-    """The static per-tensor scale of a normalised activation (NVFP4), from the norm's output bound.
+    """The static per-tensor scale of a normalised activation (FP8, NVFP4), from the norm's output bound.
 
-    MXNorm and RMSNorm bound ``|xhat|`` (``K**(1/p) / c`` and ``sqrt(D)``), so
-    the scale is fixed without a tensor-wide reduction: ``bound * max|gain| / (6 * 448)``,
-    at least ``MIN_TENSOR_SCALE`` (2**-120). MXFP8 has no per-tensor scale: 1.0.
+    MXNorm and RMSNorm bound ``|xhat|`` (``K**(1/p) / c`` and ``sqrt(D)``), so the scale is fixed
+    without a tensor-wide reduction. A gain applied before the cast multiplies the bound by
+    ``max|gain|``: NVFP4 ``bound * max|gain| / (6 * 448)``, FP8 the power of two above
+    ``bound * max|gain| / 448`` (:func:`~mxrewrite.formats.fp8.static_scale`); either at least
+    ``MIN_TENSOR_SCALE`` (2**-120), NaN if the gain has one. MXFP8 has no per-tensor scale: 1.0.
     """
     spec = get_format(fmt)
-    scale = float32_scalar(static_scale_base(hidden, fmt=fmt, norm=norm, p=p, correction=correction), device)
-    if spec.tensor_scale and gamma is not None:
-        scale = scale * gamma.float().abs().amax().to(scale.device)
-        # an all-zero gain would give 0 and the cast 0 * (1 / 0) = NaN
-        scale = torch.clamp(scale, min=MIN_TENSOR_SCALE)
-    return scale
+    base = float32_scalar(static_scale_base(hidden, fmt=fmt, norm=norm, p=p, correction=correction), device)
+    if gamma is None or spec.block_scaled and not spec.tensor_scale:
+        return base
+    gain_max = gamma.float().abs().amax().to(base.device)
+    if spec.block_scaled:  # NVFP4
+        scale = base * gain_max
+    else:
+        bound = norm_output_bound(hidden, fmt=fmt, norm=norm, p=p, correction=correction)
+        bound = bound * gain_max.double()
+        # a bound of 0, inf or NaN passes through (static_scale would map it to 1): the kernel's bit arithmetic
+        scale = torch.where(torch.isfinite(bound) & (bound > 0), static_scale(bound), bound)
+    # an all-zero gain would give 0 and the cast 0 * (1 / 0) = NaN
+    return torch.clamp(scale, min=MIN_TENSOR_SCALE).float()
 
 
 def norm_cast_reference(
@@ -168,7 +178,7 @@ def norm_cast_reference(
                    eps_in_root=eps_in_root)
     xhat = normalize(x, rho, gamma)
     if not spec.block_scaled:
-        tscale = activation_tensor_scale(x.shape[-1], None, fmt=fmt, norm=norm, p=p, correction=correction,
+        tscale = activation_tensor_scale(x.shape[-1], gamma, fmt=fmt, norm=norm, p=p, correction=correction,
                                          device=x.device)
         data = saturating_cast(xhat * (1.0 / tscale), spec.elem_dtype)  # (a power of two: exact)
         scales = torch.empty((*x.shape[:-1], 0), dtype=torch.uint8, device=x.device)

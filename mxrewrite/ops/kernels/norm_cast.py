@@ -16,7 +16,7 @@ and casts ``x * rho`` (times the gain) block by block. Two variants
   the hints part of the re-read went to memory (MXFP8 16384 x 14336 on the
   H100: 88% of the bandwidth floor, 95% with them).
 
-NVFP4 with a gain: the per-tensor scale is set by the largest ``|gain|``. A
+NVFP4 (and FP8) with a gain: the per-tensor scale is set by the largest ``|gain|``. A
 one-program kernel (:func:`_gain_tensor_scale_kernel`) computes it before the
 cast, which every program then loads; each program reducing the whole gain
 itself took NVFP4 RMSNorm with a gain to 63-69% of the bandwidth floor on the
@@ -247,43 +247,64 @@ def _rho(stat, eps, correction, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM:
 
 
 @triton.jit
-def _static_scale_base(correction, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, FMT: tl.constexpr,
-                       NORM: tl.constexpr, P: tl.constexpr):
-    """The per-tensor scale before any gain (``reference.static_scale_base``), float32: from the norm's output
-    bound ``K**(1/p) / c`` (MXNorm) or ``sqrt(D)`` (RMSNorm) in float64; FP8: the power of two above
-    ``bound / 448`` (its float64 exponent, one higher unless the mantissa bits are all zero), NVFP4:
-    ``bound / (6 * 448)``; 1 for MXFP8."""
-    if FMT == 0:
-        return tl.cast(1.0, tl.float32)
+def _norm_output_bound(correction, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr,
+                       P: tl.constexpr):
+    """The largest ``|x * rho|`` (``reference.norm_output_bound``) in float64: ``K**(1/p) / c`` (MXNorm) or
+    ``sqrt(D)`` (RMSNorm)."""
     if NORM == 0:
         blocks = tl.cast(HIDDEN // BLOCK, tl.float64)
         if P == 2:
             blocks = tl.sqrt(blocks)
-        bound = blocks / correction
-    else:
-        bound = tl.sqrt(tl.cast(HIDDEN, tl.float64))
+        return blocks / correction
+    return tl.sqrt(tl.cast(HIDDEN, tl.float64))
+
+
+@triton.jit
+def _fp8_static_scale(bound):
+    """``formats.fp8.static_scale``: the power of two above ``bound / 448`` (float64), from its float64 bits:
+    the exponent, one higher unless the mantissa bits are all zero."""
+    bits = tl.cast(bound / E4M3_MAX, tl.int64, bitcast=True)
+    exponent = bits >> 52
+    exponent += ((bits & _FLOAT64_MANTISSA) != 0).to(tl.int64)
+    return tl.cast(exponent << 52, tl.float64, bitcast=True)
+
+
+@triton.jit
+def _static_scale_base(correction, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, FMT: tl.constexpr,
+                       NORM: tl.constexpr, P: tl.constexpr):
+    """The per-tensor scale before any gain (``reference.static_scale_base``), float32: FP8 the power of two
+    above ``bound / 448``, NVFP4 ``bound / (6 * 448)``; 1 for MXFP8."""
+    if FMT == 0:
+        return tl.cast(1.0, tl.float32)
+    bound = _norm_output_bound(correction, HIDDEN, BLOCK, NORM, P)
     if FMT == 2:
-        bits = tl.cast(bound / E4M3_MAX, tl.int64, bitcast=True)
-        exponent = bits >> 52
-        exponent += ((bits & _FLOAT64_MANTISSA) != 0).to(tl.int64)
-        return tl.cast(exponent << 52, tl.float64, bitcast=True).to(tl.float32)
+        return _fp8_static_scale(bound).to(tl.float32)
     return (bound / NVFP4_SCALE_RANGE).to(tl.float32)
 
 
 @triton.jit
 def _gain_tensor_scale_kernel(gamma_ptr, tscale_ptr, correction_ptr, HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
-                              NORM: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr, INTERPRET: tl.constexpr):
-    """The NVFP4 per-tensor scale ``max(base * max|gain|, 2**-120)`` (NaN if the gain has one), by one
-    program, before the cast: every program of the cast reads it instead of reducing the gain itself."""
-    tscale_base = _static_scale_base(tl.load(correction_ptr), HIDDEN, BLOCK, 1, NORM, P)  # (FMT 1: NVFP4)
+                              FMT: tl.constexpr, NORM: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr,
+                              INTERPRET: tl.constexpr):
+    """The per-tensor scale of a cast that applies the gain (``reference.activation_tensor_scale``), by one
+    program, before the cast: every program of the cast reads it instead of reducing the gain itself.
+    NVFP4: ``max(base * max|gain|, 2**-120)``; FP8: the power of two above ``bound * max|gain| / 448``, at
+    least 2**-120; NaN if the gain has one."""
     gain_max = tl.zeros((CHUNK,), tl.float32)
     for start in range(0, HIDDEN, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         gain = to_float32(tl.load(gamma_ptr + offs, mask=offs < HIDDEN, other=0.0), INTERPRET)
         gain_max = _max_keep_nan(gain_max, tl.abs(gain))
-    # (an all-zero gain would make the scale 0 and the cast 0 * (1 / 0) = NaN)
-    tscale = tl.maximum(tscale_base * tl.reduce(gain_max, 0, _max_keep_nan), MIN_TENSOR_SCALE,
-                        propagate_nan=tl.PropagateNan.ALL)
+    gain_max = tl.reduce(gain_max, 0, _max_keep_nan)
+    correction = tl.load(correction_ptr)
+    if FMT == 2:
+        scale = _fp8_static_scale(_norm_output_bound(correction, HIDDEN, BLOCK, NORM, P) * gain_max.to(tl.float64))
+        scale = tl.where(gain_max != gain_max, float("nan"), scale)
+        tscale = tl.maximum(scale, MIN_TENSOR_SCALE, propagate_nan=tl.PropagateNan.ALL).to(tl.float32)
+    else:
+        # (an all-zero gain would make the scale 0 and the cast 0 * (1 / 0) = NaN)
+        tscale = tl.maximum(_static_scale_base(correction, HIDDEN, BLOCK, FMT, NORM, P) * gain_max,
+                            MIN_TENSOR_SCALE, propagate_nan=tl.PropagateNan.ALL)
     tl.store(tscale_ptr, tscale)
 
 
@@ -305,8 +326,8 @@ def _norm_cast_kernel(
     eps = tl.load(eps_ptr)
     correction = tl.load(correction_ptr)
 
-    # the static per-tensor scale: NVFP4 with a gain reads what _gain_tensor_scale_kernel wrote
-    GAIN_SETS_SCALE: tl.constexpr = HAS_GAMMA and FMT == 1
+    # the static per-tensor scale: FP8 or NVFP4 with a gain reads what _gain_tensor_scale_kernel wrote
+    GAIN_SETS_SCALE: tl.constexpr = HAS_GAMMA and FMT != 0
     if GAIN_SETS_SCALE:
         tscale = tl.load(tscale_ptr)
     else:
@@ -503,13 +524,14 @@ def norm_cast_triton(
     rho = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     eps, correction = norm_constant(eps, x.device), norm_constant(correction, x.device)
     norm_code = _MXNORM if norm == "mxnorm" else _RMSNORM
+    fmt_code = _FP8 if not spec.block_scaled else _NVFP4 if spec.tensor_scale else _MXFP8
 
     interpret = is_interpreted(_norm_cast_kernel)
     gamma = gamma.contiguous() if gamma is not None else None
     tscale = torch.empty((), dtype=torch.float32, device=x.device)
-    if spec.tensor_scale and gamma is not None:
+    if gamma is not None and (spec.tensor_scale or not spec.block_scaled):
         launch(_gain_tensor_scale_kernel, (1,), gamma, tscale, correction, HIDDEN=hidden, BLOCK=spec.block_size,
-               NORM=norm_code, P=p, CHUNK=min(triton.next_power_of_2(hidden), 4096), INTERPRET=interpret,
+               FMT=fmt_code, NORM=norm_code, P=p, CHUNK=min(triton.next_power_of_2(hidden), 4096), INTERPRET=interpret,
                num_warps=4)
     elif n_rows == 0:  # no cast kernel to write it
         tscale = float32_scalar(static_scale_base(hidden, fmt=fmt, norm=norm, p=p, correction=correction), x.device)
@@ -530,7 +552,7 @@ def norm_cast_triton(
             N0=runs[0].count, V0=runs[0].valid,
             S1=runs[1].start, N1=runs[1].count, V1=runs[1].valid,
             S2=runs[2].start, N2=runs[2].count, V2=runs[2].valid, CHUNK=chunk, SPLIT=cfg.block_split,
-            FMT=_FP8 if not spec.block_scaled else _NVFP4 if spec.tensor_scale else _MXFP8,
+            FMT=fmt_code,
             NORM=norm_code, P=p, EPS_IN_ROOT=bool(eps_in_root),
             SCALE_MODE=_RCEIL if scale_mode == "rceil" else _FLOOR,
             HAS_GAMMA=gamma is not None,

@@ -385,15 +385,19 @@ if INTERPRETED:
 
     @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
     def test_interp_fp8(norm, p, eps_in_root):
-        """FP8 (static per-tensor scale, no gain in the cast): every dtype and shape, the two-loop variant,
-        and the edge rows, bit for bit."""
+        """FP8 (static per-tensor scale; the gain folded into the weights, or applied in the cast with the
+        scale raised by max|gain|): every dtype and shape, the two-loop variant, and the edge rows, bit for bit."""
         kwargs = dict(fmt="fp8", norm=norm, p=p, eps_in_root=eps_in_root)
         for i, shape in enumerate(INTERP_SHAPES):
             for dtype in DTYPES:
                 x = gaussian_rows(shape, dtype, seed=i) if i % 2 else random_rows(shape, dtype, seed=i)
-                check_against_reference(x, None, **kwargs)
+                for has_gamma, offset in GAINS:
+                    gamma = gain(shape[-1], dtype, seed=i) if has_gamma else None
+                    check_against_reference(x, gamma, gamma_offset=offset, **kwargs)
         for shape, cfg in [((5, 192), LaunchConfig(2, 4, 4)), ((3, 256), LaunchConfig(2, 4, 0, block_split=2))]:
-            check_against_reference(random_rows(shape, torch.bfloat16, seed=1), None, launch_cfg=cfg, **kwargs)
+            for gamma in (None, gain(shape[-1], torch.float32, seed=2)):
+                check_against_reference(random_rows(shape, torch.bfloat16, seed=1), gamma, launch_cfg=cfg,
+                                        **kwargs)
         rows, names = edge_rows(64)
         for eps in (1e-6, 0.0):
             check_each_edge_row(rows, names, eps, "cpu", **kwargs)
@@ -407,11 +411,17 @@ if INTERPRETED:
         below_one = math.nextafter(1.0, 0.0)
         for correction in (1.0, below_one, 0.2, 0.371, 1.7):
             check_against_reference(x, None, fmt="fp8", norm="mxnorm", p=1, correction=correction)
+            check_against_reference(x, gain(224, torch.float32, 3), fmt="fp8", norm="mxnorm", p=2,
+                                    correction=correction)
             for gamma in (None, gain(224, torch.float32, 3)):
                 check_against_reference(x, gamma, fmt="nvfp4", norm="mxnorm", p=2, correction=correction)
         for correction, scale in ((1.0, 2.0**-6), (below_one, 2.0**-5)):
             tscale = check_against_reference(x, None, fmt="fp8", norm="mxnorm", p=1, correction=correction)[3]
             assert tscale.item() == scale
+            # a gain whose largest magnitude is a power of two moves the edge by exactly that power
+            gamma = torch.full((224,), 0.25).index_fill_(0, torch.tensor([5]), -4.0)
+            tscale = check_against_reference(x, gamma, fmt="fp8", norm="mxnorm", p=1, correction=correction)[3]
+            assert tscale.item() == scale * 4
 
     @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
     def test_interp_floor_scale_mode(norm, p, eps_in_root):
@@ -452,13 +462,17 @@ if INTERPRETED:
         check_against_reference(rows, None, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root, eps=0.0,
                                 launch_cfg=LaunchConfig(2, 4, 1))
 
-    @pytest.mark.parametrize("fmt", FORMATS)
+    @pytest.mark.parametrize("fmt", FORMATS + ("fp8",))
     def test_interp_degenerate_gains(fmt):
-        """A zero gain (the NVFP4 tensor scale clamps at 2**-120), Gemma's 1 + gamma = 0, and a NaN gain."""
+        """A zero gain (the NVFP4 / FP8 tensor scale clamps at 2**-120), Gemma's 1 + gamma = 0, a NaN gain, and
+        (FP8) an infinite one."""
         x = gaussian_rows((4, 96), torch.bfloat16, seed=11)
         nan_gain = gain(96, torch.float32, 2)
         nan_gain[17] = float("nan")
-        for gamma, offset in [(torch.zeros(96), 0.0), (-torch.ones(96), 1.0), (nan_gain, 0.0)]:
+        inf_gain = gain(96, torch.float32, 2)
+        inf_gain[3] = -float("inf")
+        cases = [(torch.zeros(96), 0.0), (-torch.ones(96), 1.0), (nan_gain, 0.0)] + [(inf_gain, 0.0)] * (fmt == "fp8")
+        for gamma, offset in cases:
             for norm, p, eps_in_root in NORM_CASES[::2]:
                 check_against_reference(x, gamma, fmt=fmt, norm=norm, p=p, eps_in_root=eps_in_root,
                                         gamma_offset=offset)
