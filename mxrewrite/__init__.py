@@ -10,6 +10,7 @@
 from mxrewrite import errors, formats, modules, ops
 from mxrewrite.api import get_report, optimize
 from mxrewrite.config import RewriteConfig
+from mxrewrite.modules.fp8_weight import precompute_fp8_scales
 from mxrewrite.report import Report, Site
 from mxrewrite.verify import Thresholds, VerifyResult, verify
 
@@ -25,6 +26,7 @@ __all__ = [
     "get_report",
     "ops",
     "optimize",
+    "precompute_fp8_scales",
     "verify",
 ]
 __version__ = "0.1.0"

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--include-head", dest="include_head", action="store_true", default=None)
     common.add_argument("--grad-cast", dest="grad_cast", choices=list(GRAD_CASTS))
     common.add_argument("--linears", choices=["norm-fed", "all"])
+    common.add_argument("--fsdp-fp8-all-gather", dest="fsdp_fp8_all_gather", action="store_true", default=None,
+                        help="format fp8: FSDP2 gathers the weights' FP8 casts (the norms apply their gains)")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("-v", "--verbose", action="store_true")
     report = sub.add_parser("report", parents=[common], help="print the rewrite report")

@@ -34,23 +34,28 @@ class RewriteConfig:
         scale_mode: E8M0 rounding of MXFP8 block scales, ``"rceil"`` or ``"floor"``.
         rescale: MXNorm's correction constant: ``"gaussian"`` uses c'(p, B);
             ``"calibrated"`` measures RMS / estimate per site on calibration
-            inputs (torch.compile specialises on each site's constant: a per-layer
-            compile compiles every layer again); ``"none"`` uses the bare estimate
-            (output scale c' instead of 1).
+            inputs (a buffer of the norm, so one compiled graph serves every
+            layer); ``"none"`` uses the bare estimate (output scale c' instead of 1).
         include_head: also rewrite a norm whose only consumer is the model's
             output head (the paper keeps the head in high precision).
         grad_cast: ``"mx"`` casts the backward GEMMs' operands to low precision as the
             format's training recipe does (MXFP8 with e5m2 gradients; under ``"fp8"``,
             e5m2 gradients and e4m3 operands with per-tensor scales); ``"e4m3"`` the
             same with e4m3 gradients (one more mantissa bit, 2**8 less range: on a
-            unit-scale layer under FP8 the gradients' error drops by about a quarter,
-            benchmarks/RESULTS.md; whether training holds is not measured yet);
+            unit-scale layer under FP8 the gradients' error drops by about a quarter, and
+            a 25M model trained within seed noise of e5m2's and bf16's: benchmarks/RESULTS.md);
             ``"hp"`` keeps them in high precision.
         linears: ``"norm-fed"`` converts the linears a rewritten norm feeds; ``"all"``
             also converts every other ``nn.Linear`` (attention output, MLP down), each
             casting its own input: one call makes a complete low-precision recipe.
             Output heads (unless ``include_head``), MoE routers and linears computed in
             float32 on purpose stay in high precision.
+        fsdp_fp8_all_gather: under ``"fp8"``, FSDP2 gathers the converted linears'
+            weights in FP8, cast on each rank's shard with the whole weight's scale (one
+            byte per element instead of two: torchao's float8 all-gather). The norms
+            then apply their gain before their cast instead of folding it into the
+            weights (the weight is cast before the linear sees it). Without FSDP2 the
+            weights behave as before. Needs ``grad_cast`` other than ``"hp"``.
     """
 
     format: str = "mxfp8"
@@ -61,6 +66,7 @@ class RewriteConfig:
     include_head: bool = False
     grad_cast: str = "mx"
     linears: str = "norm-fed"
+    fsdp_fp8_all_gather: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, tuple(FORMATS))
@@ -70,8 +76,13 @@ class RewriteConfig:
         _check_choice("rescale", self.rescale, RESCALES)
         _check_choice("grad_cast", self.grad_cast, GRAD_CASTS)
         _check_choice("linears", self.linears, LINEARS)
-        if not isinstance(self.include_head, bool):
-            raise ConfigError(f"include_head must be True or False, got {self.include_head!r}")
+        for name in ("include_head", "fsdp_fp8_all_gather"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.fsdp_fp8_all_gather and (self.format != "fp8" or self.grad_cast == "hp"):
+            raise ConfigError(f"fsdp_fp8_all_gather=True needs format='fp8' and grad_cast 'mx' or 'e4m3' (got "
+                              f"format={self.format!r}, grad_cast={self.grad_cast!r}): FSDP2 gathers the FP8 cast "
+                              f"of the weights that the FP8 GEMMs read")
 
     @property
     def block_size(self) -> int:

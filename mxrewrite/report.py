@@ -86,6 +86,7 @@ class Report:
     rejected: tuple[Rejected, ...] = field(default=())
     linears: tuple[LinearRow, ...] = field(default=())
     grad_cast: str = "mx"
+    fsdp_fp8_all_gather: bool = False
 
     @property
     def rewritten(self) -> tuple[Site, ...]:
@@ -126,7 +127,8 @@ class Report:
     def _tables(self, tablefmt: str) -> list[tuple[str, str]]:
         title = (f"mxrewrite report: format={self.format} norm={self.norm}"
                  + (f" p={self.p} rescale={self.rescale_mode}" if self.norm == "mxnorm" else "")
-                 + f" grad_cast={self.grad_cast}")
+                 + f" grad_cast={self.grad_cast}"
+                 + (" fsdp_fp8_all_gather (gains applied in the norms' casts)" if self.fsdp_fp8_all_gather else ""))
         tables = [(title, "")]
         if self.rewritten:
             tables.append((f"Rewritten sites ({len(self.rewritten)})",
@@ -214,4 +216,5 @@ def build_report(config: RewriteConfig, sites: list[ModuleSite], rejected: list[
             rows.append(Site(consumers=(), **common))
     return Report(config.format, config.norm, config.p, config.rescale, tuple(rows),
                   tuple(Rejected(r.name, r.reason) for r in rejected),
-                  _linear_rows(sites, linears) if config.linears == "all" else (), config.grad_cast)
+                  _linear_rows(sites, linears) if config.linears == "all" else (), config.grad_cast,
+                  config.fsdp_fp8_all_gather)

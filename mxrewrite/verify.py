@@ -179,14 +179,17 @@ def _site_metrics(optimized: torch.nn.Module, args: tuple, kwargs: dict) -> tupl
 
 
 def _grad_metrics(model, opt, args, kwargs) -> tuple[TensorMetrics, ...]:
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    """The gradients of each model's parameters, matched by name (the optimized model shares the tensors, except
+    the weights ``fsdp_fp8_all_gather`` wraps in new parameters)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
 
     def grads(module):
+        params = dict(module.named_parameters())
         loss = sum(t.float().pow(2).mean() for t in _float_leaves(module(*args, **kwargs)))
-        return torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+        return torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
 
     ref, out = grads(model), grads(opt)
-    return tuple(tensor_metrics(n, r, o) for (n, _), r, o in zip(params, ref, out) if r is not None and o is not None)
+    return tuple(tensor_metrics(n, r, o) for n, r, o in zip(names, ref, out) if r is not None and o is not None)
 
 
 def verify(model: torch.nn.Module, optimized: torch.nn.Module, example_inputs: Inputs, *,

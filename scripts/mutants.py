@@ -25,7 +25,7 @@ runs once on an unmutated copy (``baseline``): a test that already fails would
 
 Usage::
 
-    python scripts/mutants.py              # all 44 mutants: about 5 minutes on 2 CPU cores
+    python scripts/mutants.py              # all 60 mutants: about 6 minutes on 2 CPU cores (-j 2)
     python scripts/mutants.py --list       # the mutants, their files and tests
     python scripts/mutants.py -k e8m0 -k head   # a subset (substring of the name)
     python scripts/mutants.py --check      # only check that every snippet applies (no tests)
@@ -77,7 +77,7 @@ def ref(case: str) -> str:
     return f"{REF}::test_matches_reference[{case}]"
 
 
-FP8_REF = ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-mx]",)
+FP8_REF = ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-mx-False]",)
 LINEARS_ALL = ("tests/test_fp8_recipe.py::test_linears_all_converts_every_linear_but_head_and_router[fp8]",)
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -86,7 +86,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "config.p, config.scale_mode, site.match.eps_in_root", 'config.p, "rceil", site.match.eps_in_root',
            (ref("llama-scale_mode=floor"),), "the rewrite hard-codes rceil whatever config.scale_mode says"),
     Mutant("grad_cast-ignored", "mxrewrite/passes/module_plan.py",
-           'config.format != "fp8", config.grad_cast)', 'config.format != "fp8", "mx")',
+           "gain_in_cast, config.grad_cast)", 'gain_in_cast, "mx")',
            (ref("llama-grad_cast=hp"),), "the rewrite hard-codes grad_cast='mx'"),
     Mutant("include_head-ignored", "mxrewrite/passes/plan.py",
            "if user in heads and not config.include_head:", "if user in heads:",
@@ -124,11 +124,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "gain = gain.float() + constants[GAIN_OFFSET]", "gain = gain.float()",
            (ref("gemma-default"),), "Gemma's gain (1 + weight) applied as weight"),
     Mutant("nvfp4-scale-ignores-gain", "mxrewrite/ops/reference.py",
-           "scale = scale * gamma.float().abs().amax().to(scale.device)", "scale = scale",
+           "        scale = base * gain_max\n", "        scale = base\n",
            (ref("gemma-format=nvfp4-norm=rmsnorm-grad_cast=hp"),),
            "the NVFP4 static tensor scale leaves out max|gain| when the gain is applied in the cast"),
     Mutant("nvfp4-min-tensor-scale-dropped", "mxrewrite/ops/reference.py",
-           "        scale = torch.clamp(scale, min=MIN_TENSOR_SCALE)\n", "",
+           "    return torch.clamp(scale, min=MIN_TENSOR_SCALE).float()", "    return scale.float()",
            (f"{NORM_CAST}::test_zero_rows_and_zero_gain_stay_finite",),
            "an all-zero gain gives the NVFP4 cast a zero tensor scale (every code NaN)"),
     Mutant("straight-through-term-dropped", "mxrewrite/ops/reference.py",
@@ -252,14 +252,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "if path.upcast or weight_upcast:", "if weight_upcast:",
            ("tests/passes/test_plan.py::test_explicit_float32_linear_is_kept",),
            "a linear the model computes in float32 on purpose is rewritten"),
-    Mutant("fp8-gain-not-folded", "mxrewrite/modules/functions.py",
+    Mutant("fp8-gain-not-folded", "mxrewrite/modules/fp8_weight.py",
            "fp8_quantize(weight.float() * gain if gain is not None else weight, E4M3)",
            "fp8_quantize(weight, E4M3)",
            FP8_REF,
            "format='fp8': the norm's gain is not folded into the weight"),
     Mutant("fp8-weight-grad-misses-gain", "mxrewrite/modules/functions.py",
-           "grad_w = (grad_w.float() * gain if gain is not None else grad_w).to(weight.dtype)",
-           "grad_w = grad_w.to(weight.dtype)",
+           "            grad_w = grad_w.float() * gain.float()\n", "            pass\n",
            FP8_REF,
            "format='fp8': grad_W = G^T Q(xhat) without the gain's columns"),
     Mutant("fp8-gradients-e4m3", "mxrewrite/modules/functions.py",
@@ -278,7 +277,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "format='fp8': dynamic scales not rounded to powers of two (a rank's casts differ from one GPU's)"),
     Mutant("e4m3-gradients-ignored", "mxrewrite/ops/mx_linear.py",
            'return torch.float8_e4m3fn if grad_cast == "e4m3" else torch.float8_e5m2', "return torch.float8_e5m2",
-           ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-e4m3]",
+           ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-e4m3-False]",
             "tests/ops/test_mx_linear.py::test_mx_gradient_casts_use_the_gradient_element_type[mxfp8-e4m3-grad_dtype1]"),
            "grad_cast='e4m3' still casts the gradients to e5m2"),
     Mutant("estimate-check-skipped", "mxrewrite/passes/calibrate.py",
@@ -303,9 +302,27 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_fp8_recipe.py::test_row_views_keep_the_transposed_cast_only_in_row_order",),
            "format='fp8': a slice of the norm's rows keeps the transposed cast of all rows (wrong weight gradient)"),
     Mutant("kernel-fp8-scale-not-ceiled", "mxrewrite/ops/kernels/norm_cast.py",
-           "        exponent += ((bits & _FLOAT64_MANTISSA) != 0).to(tl.int64)\n", "",
+           "    exponent += ((bits & _FLOAT64_MANTISSA) != 0).to(tl.int64)\n", "",
            ("tests/ops/kernels/test_norm_cast_kernel.py::test_kernels_bit_exact_under_triton_interpreter",),
            "the fused kernel's FP8 static scale is the power of two below bound / 448 (normalised values clip)"),
+    Mutant("kernel-fp8-scale-ignores-the-gain", "mxrewrite/ops/kernels/norm_cast.py",
+           "GAIN_SETS_SCALE: tl.constexpr = HAS_GAMMA and FMT != 0",
+           "GAIN_SETS_SCALE: tl.constexpr = HAS_GAMMA and FMT == 1",
+           ("tests/ops/kernels/test_norm_cast_kernel.py::test_kernels_bit_exact_under_triton_interpreter",),
+           "the fused kernel casts an FP8 activation times its gain with the gain-free static scale (gains > 1 clip)"),
+    Mutant("fp8-gain-folded-and-applied", "mxrewrite/modules/functions.py",
+           "gain = h.gain.float() if h.gain is not None and not s.gain_in_cast else None",
+           "gain = h.gain.float() if h.gain is not None else None",
+           ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-mx-True]",),
+           "fsdp_fp8_all_gather: the norm applies its gain in the cast and the weights are multiplied by it too"),
+    Mutant("fp8-all-gather-scale-of-the-shard", "mxrewrite/modules/fp8_weight.py",
+           "            _all_reduce_max(amax, mesh)\n", "",
+           ("tests/distributed/test_fsdp_tp.py::test_fsdp2_after_optimize[fsdp_torchtitan_llama_fp8_all_gather]",),
+           "fsdp_fp8_all_gather: each rank casts its shard with its own scale, and reads the others' with it"),
+    Mutant("fp8-precomputed-scale-never-stale", "mxrewrite/modules/fp8_weight.py",
+           "return tensor is not None and tensor._version == version", "return tensor is not None",
+           ("tests/modules/test_fp8_weight.py::test_a_precomputed_scale_is_used_only_while_the_weight_is_unchanged",),
+           "precompute_fp8_scales: a scale computed before an optimizer step is used after it (stale; values clip)"),
 )
 
 

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 import mxrewrite
 from mxrewrite.errors import ConfigError
 from mxrewrite.modules import MXLinear
-from mxrewrite.ops import norm_constant
 from tests.reference_model import E4M3, E5M2, GAUSSIAN_C, _StraightThroughNorm, round_to_grid
 
 D, N = 64, 96
@@ -95,8 +94,10 @@ class RefFp8Linear(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
-def reference_forward(block: SwiGLUBlock, x: torch.Tensor, norm: str, grad_elem: tuple = E5M2
-                      ) -> tuple[torch.Tensor, dict]:
+def reference_forward(block: SwiGLUBlock, x: torch.Tensor, norm: str, grad_elem: tuple = E5M2,
+                      gain_in_cast: bool = False) -> tuple[torch.Tensor, dict]:
+    """``gain_in_cast``: the norm casts ``xhat * gain`` with its bound times ``max|gain|``, and the weights are
+    cast without the gain (``fsdp_fp8_all_gather``)."""
     params = {n: p.detach().double().requires_grad_() for n, p in block.named_parameters()}
     x = x.detach().double().requires_grad_()
     if norm == "mxnorm":
@@ -109,28 +110,37 @@ def reference_forward(block: SwiGLUBlock, x: torch.Tensor, norm: str, grad_elem:
         bound = D ** 0.5
     gain = params["norm.weight"]
     h = _StraightThroughNorm.apply(x, gain, rho)
-    q_h = static_quant(x.detach() * rho.unsqueeze(-1), bound)
-    gate = RefFp8Linear.apply(h, params["gate.weight"], None, q_h, gain, grad_elem)
-    up = RefFp8Linear.apply(h, params["up.weight"], params["up.bias"], q_h, gain, grad_elem)
+    xhat = x.detach() * rho.unsqueeze(-1)
+    if gain_in_cast:
+        q_h = static_quant(xhat * gain.detach(), bound * gain.detach().abs().max().item())
+        weight_gain = None
+    else:
+        q_h, weight_gain = static_quant(xhat, bound), gain
+    gate = RefFp8Linear.apply(h, params["gate.weight"], None, q_h, weight_gain, grad_elem)
+    up = RefFp8Linear.apply(h, params["up.weight"], params["up.bias"], q_h, weight_gain, grad_elem)
     a = F.silu(gate) * up
     q_a = dynamic_quant(a.detach(), E4M3)
     y = x + RefFp8Linear.apply(a, params["down.weight"], None, q_a, None, grad_elem)
     return y, {"x": x, **params}
 
 
-@pytest.mark.parametrize("norm, grad_cast", [("rmsnorm", "mx"), ("mxnorm", "mx"), ("rmsnorm", "e4m3")])
-def test_fp8_recipe_matches_an_independent_reference(norm, grad_cast):
+@pytest.mark.parametrize("norm, grad_cast, all_gather", [
+    ("rmsnorm", "mx", False), ("mxnorm", "mx", False), ("rmsnorm", "e4m3", False),
+    ("rmsnorm", "mx", True), ("mxnorm", "e4m3", True)])
+def test_fp8_recipe_matches_an_independent_reference(norm, grad_cast, all_gather):
+    """``all_gather``: ``fsdp_fp8_all_gather=True`` (the gain in the norm's cast; no FSDP2 here, so each linear
+    casts its ``Fp8AllGatherWeight`` itself)."""
     block = make_block()
     x = torch.randn(3, 10, D) * 2
     opt = mxrewrite.optimize(block, (x,), format="fp8", norm=norm, linears="all", grad_cast=grad_cast,
-                             progress=False)
+                             fsdp_fp8_all_gather=all_gather, progress=False)
     assert all(isinstance(getattr(opt, n), MXLinear) for n in ("gate", "up", "down"))
 
     xin = x.clone().requires_grad_()
     y = opt(xin)
     grad = torch.randn_like(y)
     y.backward(grad)
-    ref_y, leaves = reference_forward(block, x, norm, E4M3 if grad_cast == "e4m3" else E5M2)
+    ref_y, leaves = reference_forward(block, x, norm, E4M3 if grad_cast == "e4m3" else E5M2, all_gather)
     ref_y.backward(grad.double())
 
     def rel(a, b):
@@ -140,17 +150,16 @@ def test_fp8_recipe_matches_an_independent_reference(norm, grad_cast):
     with torch.no_grad():
         plain = block(x)
     assert rel(y.detach() - x, (plain - x).double()) > 5 * TOLERANCE  # the cast error is visible
-    ours = {"x": xin.grad, **{n: p.grad for n, p in block.named_parameters()}}
+    ours = {"x": xin.grad, **{n: p.grad for n, p in opt.named_parameters()}}
     for name, leaf in leaves.items():
         assert ours[name] is not None, f"no gradient for {name}"
         assert rel(ours[name], leaf.grad) < TOLERANCE, f"{name}: {rel(ours[name], leaf.grad):.2e}"
 
 
-def test_fp8_rejects_a_gain_in_the_cast():
-    x = torch.randn(4, 64)
-    with pytest.raises(ConfigError, match="fold the gain"):
-        torch.ops.mxrewrite.norm_cast(x, torch.ones(64), norm_constant(1e-5), norm_constant(1.0), "fp8", "rmsnorm", 2,
-                                      "rceil", True)
+def test_fp8_all_gather_needs_the_fp8_recipe():
+    for bad in (dict(format="mxfp8"), dict(format="fp8", grad_cast="hp")):
+        with pytest.raises(ConfigError, match="fsdp_fp8_all_gather=True needs format='fp8'"):
+            mxrewrite.RewriteConfig(fsdp_fp8_all_gather=True, **bad)
 
 
 def test_linears_must_be_a_known_choice():

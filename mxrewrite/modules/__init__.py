@@ -1,7 +1,9 @@
 """The modules ``optimize`` puts in a model: a rewritten norm and the linears it feeds.
 
 * :class:`MXRMSNorm` replaces an RMSNorm module and returns a :class:`NormCastTensor`;
-* :class:`MXLinear` replaces an ``nn.Linear`` fed by such a norm.
+* :class:`MXLinear` replaces an ``nn.Linear`` fed by such a norm;
+* :mod:`~mxrewrite.modules.fp8_weight`: its weight parameter under ``fsdp_fp8_all_gather``, which FSDP2
+  gathers as an FP8 cast.
 
 Both share the replaced modules' parameters (see :func:`adopt_state`).
 """

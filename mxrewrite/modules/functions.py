@@ -11,6 +11,9 @@
   ``grad_h = G @ W`` (``W`` cast on its own, transposed to the layout the GEMM
   reads) and ``grad_W = alpha * (G^T @ Q(xhat)) diag(g)``: the forward's cast of
   ``xhat`` is reused, and the gain multiplies the columns of the product.
+  With ``fsdp_fp8_all_gather`` the norm casts ``xhat * g`` itself (``gain_in_cast``)
+  and ``W`` is cast alone, before FSDP2 gathers it (:mod:`~mxrewrite.modules.fp8_weight`):
+  ``y = alpha * Q(xhat g) @ Q(W)^T + b``, ``grad_W = alpha * G^T @ Q(xhat g)``.
 * :class:`OwnCastLinear`: a linear whose input is a plain tensor, converted by
   ``linears="all"`` (attention output, MLP down): it casts its input itself, in
   any format (FP8 per tensor; MXFP8 / NVFP4 blocks), and runs the same recipe's
@@ -28,6 +31,7 @@ import torch
 from mxrewrite.formats import get_format
 from mxrewrite.formats.fp8 import fp8_quantize, fp8_quantize_with_transpose
 from mxrewrite.modules.cast_tensor import NormCastTensor
+from mxrewrite.modules.fp8_weight import weight_cast, weight_cast_transposed
 from mxrewrite.ops.fp8 import fp8_mm
 from mxrewrite.ops.matmul import mx_matmul, quantize_matrix
 from mxrewrite.ops.mx_linear import gemm_dtype, grad_matmul, gradient_elem_dtype
@@ -62,7 +66,7 @@ def _fp8_backward(grad: torch.Tensor, weight: torch.Tensor, x_data_t: torch.Tens
     g_data, g_data_t, g_scale = fp8_quantize_with_transpose(grad, gradient_elem_dtype(grad_cast))
     grad_input = None
     if input_dtype is not None:  # W cast again, written in the layout G @ W reads (W.T row-major) in one pass
-        _, w_data_t, w_scale = fp8_quantize_with_transpose(weight, E4M3)
+        w_data_t, w_scale = weight_cast_transposed(weight)
         grad_input = fp8_mm(g_data, w_data_t, g_scale, w_scale, input_dtype)
     grad_w = fp8_mm(g_data_t, x_data_t, g_scale, x_scale, weight.dtype) if x_data_t is not None else None
     return grad_input, grad_w
@@ -80,14 +84,15 @@ class Fp8CastLinear(torch.autograd.Function):
         s = h.settings
         hidden, out_features = h.shape[-1], weight.shape[0]
         data = h.elems.reshape(-1, hidden).view(E4M3)
-        gain = h.gain.float() if h.gain is not None else None
-        w_data, w_scale = fp8_quantize(weight.float() * gain if gain is not None else weight, E4M3)
+        # the gain: folded into the weight before its cast, unless the norm applied it before its own
+        gain = h.gain.float() if h.gain is not None and not s.gain_in_cast else None
+        w_data, w_scale = weight_cast(weight, gain)
         x_scale = h.tensor_scale * h.alpha if h.alpha != 1.0 else h.tensor_scale
         y = _add_bias(fp8_mm(data, w_data, x_scale, w_scale, h.dtype, fast_accum=FAST_ACCUM_FORWARD), bias)
         # the weight gradient reads the cast transposed: the norm's copy when it made one
-        ctx.save_for_backward(h.elems_t if h.elems_t is not None else data, x_scale, h.x, h.rho, gain, weight)
+        ctx.save_for_backward(h.elems_t if h.elems_t is not None else data, x_scale, h.x, h.rho, h.gain, weight)
         ctx.transposed = h.elems_t is not None
-        ctx.grad_cast, ctx.input_dtype, ctx.alpha = s.grad_cast, h.dtype, h.alpha
+        ctx.grad_cast, ctx.input_dtype, ctx.alpha, ctx.gain_in_cast = s.grad_cast, h.dtype, h.alpha, s.gain_in_cast
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*h.shape[:-1], out_features)
 
@@ -102,7 +107,8 @@ class Fp8CastLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_h = (grad.to(dtype) @ weight.to(dtype)).to(ctx.input_dtype)
             if ctx.needs_input_grad[1]:
-                grad_w = grad.t().to(dtype) @ normalize(x, rho).reshape(-1, hidden).to(dtype)
+                h = normalize(x, rho, gain if ctx.gain_in_cast else None)
+                grad_w = grad.t().to(dtype) @ h.reshape(-1, hidden).to(dtype)
                 if ctx.alpha != 1.0:
                     grad_w = grad_w * ctx.alpha
         else:  # (x_scale carries alpha)
@@ -113,8 +119,10 @@ class Fp8CastLinear(torch.autograd.Function):
                                            ctx.input_dtype if ctx.needs_input_grad[0] else None)
         if grad_h is not None:
             grad_h = grad_h.reshape(*x.shape[:-1], hidden)
+        if grad_w is not None and gain is not None and not ctx.gain_in_cast:  # the gain folded into W
+            grad_w = grad_w.float() * gain.float()
         if grad_w is not None:
-            grad_w = (grad_w.float() * gain if gain is not None else grad_w).to(weight.dtype)
+            grad_w = grad_w.to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad.float().sum(0).to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b
@@ -135,13 +143,13 @@ class OwnCastLinear(torch.autograd.Function):
             ctx.save_for_backward(x2d, weight)
         elif settings.grad_cast == "hp":
             x_data, x_scale = fp8_quantize(x2d, E4M3)
-            w_data, w_scale = fp8_quantize(weight, E4M3)
+            w_data, w_scale = weight_cast(weight)
             y = fp8_mm(x_data, w_data, x_scale, w_scale, x.dtype, fast_accum=FAST_ACCUM_FORWARD)
             ctx.save_for_backward(x2d, weight)
         else:  # the backward reuses the input's cast, in the layout its GEMM reads; the weight is cast again
             # (saving its cast would keep a copy of every unsharded weight alive under FSDP2)
             x_data, x_data_t, x_scale = fp8_quantize_with_transpose(x2d, E4M3)
-            w_data, w_scale = fp8_quantize(weight, E4M3)
+            w_data, w_scale = weight_cast(weight)
             y = fp8_mm(x_data, w_data, x_scale, w_scale, x.dtype, fast_accum=FAST_ACCUM_FORWARD)
             ctx.save_for_backward(x_data_t, x_scale, weight)
         ctx.settings, ctx.input_shape, ctx.input_dtype = settings, x.shape, x.dtype

@@ -98,8 +98,11 @@ def _linear_module(gm: fx.GraphModule, model: nn.Module, lin: LinearConsumer) ->
 
 
 def _settings(site: SitePlan, config: RewriteConfig) -> CastSettings:
+    # the exact-RMSNorm baseline applies the gain before its cast, as does FP8 when the weights are cast before
+    # FSDP2 gathers them; otherwise the gain is folded into the weights (MXNORM.md)
+    gain_in_cast = config.fsdp_fp8_all_gather or (config.norm == "rmsnorm" and config.format != "fp8")
     return CastSettings(config.format, config.norm, config.p, config.scale_mode, site.match.eps_in_root,
-                        config.norm == "rmsnorm" and config.format != "fp8", config.grad_cast)
+                        gain_in_cast, config.grad_cast)
 
 
 def _constants(site: SitePlan) -> NormConstants:

@@ -11,18 +11,23 @@ the same objects under the same names (:func:`~mxrewrite.modules.adopt_state`),
 so ``state_dict`` keys, optimizers, FSDP2 and tensor parallelism see the
 original tensors. :func:`shared_copy` makes the model that is rewritten: a copy
 of the user's model whose modules are new objects and whose parameters and
-buffers are the user's, so the user's model itself is never changed.
+buffers are the user's, so the user's model itself is never changed. The one
+exception: with ``fsdp_fp8_all_gather`` each converted linear's weight is a new
+parameter over the same storage (:class:`~mxrewrite.modules.fp8_weight.Fp8AllGatherWeight`),
+so build the optimizer from the optimized model.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 
 import torch.nn as nn
 
 from mxrewrite.config import RewriteConfig
 from mxrewrite.modules import MXLinear, MXRMSNorm, replacement_for
+from mxrewrite.modules.fp8_weight import Fp8AllGatherWeight
 from mxrewrite.modules.functions import LinearSettings
 from mxrewrite.passes.linear_plan import LinearChoice
 from mxrewrite.passes.module_plan import ModuleSite
@@ -70,4 +75,19 @@ def rewrite(model: nn.Module, sites: list[ModuleSite], linears: list[LinearChoic
             _replace(model, choice.name, MXLinear(model.get_submodule(choice.name), own_cast))
             converted.add(choice.name)
     log.debug("replaced %d norm(s) and %d linear(s)", sum(s.rewritten for s in sites), len(converted))
+    if config is not None and config.fsdp_fp8_all_gather:
+        _gather_weights_in_fp8(model, converted)
     return model
+
+
+def _gather_weights_in_fp8(model: nn.Module, names: set[str]) -> None:
+    """Make the weight of each converted ``MXLinear`` in ``names`` an :class:`Fp8AllGatherWeight` parameter
+    (same storage). A weight tied to another module keeps its parameter: it is gathered in high precision."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for name in sorted(names):
+        linear = model.get_submodule(name)
+        weight = linear.weight
+        if type(linear) is not MXLinear or uses[id(weight)] > 1 or isinstance(weight, Fp8AllGatherWeight):
+            log.info("%s: weight gathered in high precision (tied to another module, or not a plain linear)", name)
+            continue
+        linear.weight = nn.Parameter(Fp8AllGatherWeight(weight.data), requires_grad=weight.requires_grad)

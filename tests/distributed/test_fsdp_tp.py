@@ -30,6 +30,7 @@ import os
 import socket
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,6 +72,8 @@ class Scenario:
     format: str = "mxfp8"
     atol_rel: float = 1e-6      # absolute tolerance, relative to the largest magnitude in the tensor
     meta_init: bool = False     # built and optimized on the meta device, sharded, then to_empty + checkpoint
+    fp8_all_gather: bool = False  # fsdp_fp8_all_gather: FSDP2 gathers the FP8 casts of the weights
+    precompute_scales: bool = False  # and mxrewrite.precompute_fp8_scales before the step
 
 
 SCENARIOS = {s.name: s for s in (
@@ -101,6 +104,14 @@ SCENARIOS = {s.name: s for s in (
     # came back after to_empty
     Scenario("fsdp_torchtitan_llama_fp8_meta_init", "torchtitan_llama", "fsdp", "mx", True, "all", "fp8",
              meta_init=True),
+    # FP8 all-gather: each rank casts its shard with the whole weight's scale (amax all-reduced), so the gathered
+    # FP8 weight is the single process's cast bit for bit; the reference is the same recipe (gains in the norms'
+    # casts) in one process. With these gains a rank's half-batch activations of w2 have a larger scale than
+    # the whole batch's (see above): 0.4% of w2's weight gradient differ, by about 3e-6 of its largest element
+    Scenario("fsdp_torchtitan_llama_fp8_all_gather", "torchtitan_llama", "fsdp", "mx", True, "all", "fp8",
+             atol_rel=1e-5, fp8_all_gather=True),
+    Scenario("fsdp_torchtitan_llama_fp8_all_gather_precomputed", "torchtitan_llama", "fsdp", "mx", True, "all",
+             "fp8", atol_rel=1e-5, fp8_all_gather=True, precompute_scales=True),
     Scenario("ddp_llama", "llama", "ddp", "hp", True),
     Scenario("ddp_torchtitan_llama_fp8", "torchtitan_llama", "ddp", "mx", True, "all", "fp8"),
     Scenario("tp_torchtitan_llama_fp8", "torchtitan_llama", "tp", "mx", False, "all", "fp8", atol_rel=1e-5),
@@ -117,8 +128,15 @@ TP_PLAN = {"attention.wq": "colwise", "attention.wk": "colwise", "attention.wv":
 def _build(scenario: Scenario, device: str = "cpu") -> tuple[nn.Module, torch.Tensor]:
     with torch.device(device):
         z = zoo.build(scenario.model, dtype=torch.float32, seed=0)
+    if scenario.fp8_all_gather:
+        with torch.no_grad():
+            for name, p in z.model.named_parameters():
+                if name.endswith("norm.weight"):  # gains away from 1: where the norm applies its gain matters
+                    p.copy_(torch.linspace(0.5, 1.5, p.numel()))
+                elif p.dim() == 2:  # the largest element in the second rank's rows: its shard alone sets the scale
+                    p[-1, 0] = 8 * p.abs().max()
     opt = mxrewrite.optimize(z.model, (*z.args, z.kwargs), grad_cast=scenario.grad_cast, linears=scenario.linears,
-                             format=scenario.format, progress=False)
+                             format=scenario.format, fsdp_fp8_all_gather=scenario.fp8_all_gather, progress=False)
     opt.train()
     return opt, z.args[0]
 
@@ -159,35 +177,57 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _cast_gemm_calls():
-    """Record ``(kind, weight shape)`` of every MX GEMM that runs inside the block: ``"fused"`` for a linear fed
-    by a norm's cast (``_CastLinear``, ``Fp8CastLinear``), ``"own"`` for one casting its own input
-    (``OwnCastLinear``)."""
-    from mxrewrite.modules import functions, linear
+    """Record ``(kind, weight shape)`` of every MX GEMM that runs inside the block (``"fused"`` for a linear fed
+    by a norm's cast: ``_CastLinear``, ``Fp8CastLinear``; ``"own"`` for one casting its own input:
+    ``OwnCastLinear``), the type of each weight they were given, and the dtypes of the FP8 all-gathers' inputs
+    (``Fp8AllGatherWeight.fsdp_pre_all_gather``)."""
+    from mxrewrite.modules import fp8_weight, functions, linear
 
     calls: list[tuple[str, tuple[int, ...]]] = []
+    weight_types: list[str] = []
+    gathered: list[str] = []
+    scale_all_reduces: list[int] = []
     fused, fp8_fused, own = linear._CastLinear.forward, functions.Fp8CastLinear.forward, functions.OwnCastLinear.forward
+    pre_all_gather = fp8_weight.Fp8AllGatherWeight.fsdp_pre_all_gather
+    all_reduce_max = fp8_weight._all_reduce_max
 
     def counting_fused(ctx, h, weight, bias):
         calls.append(("fused", tuple(weight.shape)))
+        weight_types.append(type(weight).__name__)
         return fused(ctx, h, weight, bias)
 
     def counting_fp8_fused(ctx, h, weight, bias):
         calls.append(("fused", tuple(weight.shape)))
+        weight_types.append(type(weight).__name__)
         return fp8_fused(ctx, h, weight, bias)
 
     def counting_own(ctx, x, weight, bias, settings):
         calls.append(("own", tuple(weight.shape)))
+        weight_types.append(type(weight).__name__)
         return own(ctx, x, weight, bias, settings)
+
+    def counting_all_reduce_max(t, mesh):
+        scale_all_reduces.append(t.numel())
+        return all_reduce_max(t, mesh)
+
+    def counting_pre_all_gather(self, mesh):
+        inputs, metadata = pre_all_gather(self, mesh)
+        gathered.extend(str(t.dtype) for t in inputs)
+        return inputs, metadata
 
     linear._CastLinear.forward = staticmethod(counting_fused)
     functions.Fp8CastLinear.forward = staticmethod(counting_fp8_fused)
     functions.OwnCastLinear.forward = staticmethod(counting_own)
+    fp8_weight.Fp8AllGatherWeight.fsdp_pre_all_gather = counting_pre_all_gather
+    fp8_weight._all_reduce_max = counting_all_reduce_max
     try:
-        yield calls
+        yield calls, weight_types, gathered, scale_all_reduces
     finally:
         linear._CastLinear.forward = staticmethod(fused)
         functions.Fp8CastLinear.forward = staticmethod(fp8_fused)
         functions.OwnCastLinear.forward = staticmethod(own)
+        fp8_weight.Fp8AllGatherWeight.fsdp_pre_all_gather = pre_all_gather
+        fp8_weight._all_reduce_max = all_reduce_max
 
 
 def _step(model: nn.Module, tokens: torch.Tensor, world: int, counter: MXCallCounter,
@@ -196,7 +236,7 @@ def _step(model: nn.Module, tokens: torch.Tensor, world: int, counter: MXCallCou
 
     ``counter`` is made before the model is parallelized, so its hooks see the MX modules' own inputs
     (a TP input hook turns them into DTensors afterwards); ``runner`` wraps ``model`` (DDP)."""
-    with _cast_gemm_calls() as gemms:
+    with _cast_gemm_calls() as (gemms, weight_types, gathered, scale_all_reduces):
         loss = _loss(model, tokens, runner)
         loss.backward()
     counter.remove()
@@ -211,7 +251,8 @@ def _step(model: nn.Module, tokens: torch.Tensor, world: int, counter: MXCallCou
     params = {n: _full(p) for n, p in model.named_parameters()}
     return dict(loss=loss.item(), grads=grads, missing_grads=missing, params0=params0, params=params,
                 norms=dict(counter.norms), linears=dict(counter.linears), plain_linears=dict(counter.plain_linears),
-                own_cast=dict(counter.own_cast), gemms=list(gemms))
+                own_cast=dict(counter.own_cast), gemms=list(gemms), gemm_weights=Counter(weight_types),
+                fp8_all_gathers=Counter(gathered), scale_all_reduces=len(scale_all_reduces))
 
 
 # ---------------------------------------------------------------------------
@@ -263,11 +304,18 @@ def _run_scenario(scenario: Scenario, rank: int) -> dict:
         (_fsdp if scenario.parallel == "fsdp" else _tp)(model, mesh)
     if scenario.meta_init:
         _materialize(model, scenario)
+    precomputed = mxrewrite.precompute_fp8_scales(model) if scenario.precompute_scales else 0
     placements = _placements(model)
     if scenario.split_batch:
         tokens = tokens.chunk(WORLD)[rank]
     result = _step(model, tokens, WORLD, counter, runner)
     result["placements"] = placements
+    result["precomputed_scales"] = precomputed
+    if scenario.precompute_scales:  # the optimizer step changed every weight: no precomputed scale may be used again
+        from mxrewrite.modules.fp8_weight import _unchanged
+
+        locals_ = [p._local_tensor for p in model.parameters() if hasattr(p._local_tensor, "_precomputed")]
+        result["precomputed_stale_after_step"] = [not _unchanged(*w._precomputed[:2]) for w in locals_]
     if scenario.parallel == "tp":
         result["plain_input_error"] = _plain_input_error(model, tokens)
     return result
@@ -356,7 +404,7 @@ def runs(tmp_path_factory) -> tuple[Callable[[str], dict], Callable[[str], dict]
     references: dict[tuple[str, str], dict | BaseException] = {}
     try:
         for scenario in SCENARIOS.values():
-            key = (scenario.model, scenario.grad_cast, scenario.linears, scenario.format)
+            key = (scenario.model, scenario.grad_cast, scenario.linears, scenario.format, scenario.fp8_all_gather)
             if key not in references:
                 try:
                     references[key] = _reference(scenario)
@@ -375,7 +423,7 @@ def runs(tmp_path_factory) -> tuple[Callable[[str], dict], Callable[[str], dict]
 
     def reference(name: str) -> dict:
         s = SCENARIOS[name]
-        ref = references[s.model, s.grad_cast, s.linears, s.format]
+        ref = references[s.model, s.grad_cast, s.linears, s.format, s.fp8_all_gather]
         if isinstance(ref, BaseException):
             raise ref
         return ref
@@ -453,6 +501,20 @@ def test_fsdp2_after_optimize(name, runs):
     assert all(got["placements"][w][0] == ("Shard(0)",) for w in mx_weights)
     # the fused GEMMs multiplied the unsharded (all-gathered) weights
     assert sorted(got["gemms"]) == sorted(ref["gemms"])
+    n_gemms = len(ref["gemms"])
+    if SCENARIOS[name].fp8_all_gather:
+        # every converted weight was cast on its shard and gathered in FP8, before the forward and again before
+        # the backward of each layer (the root's weights stay gathered), and the GEMMs got the gathered cast
+        assert got["fp8_all_gathers"] == {"torch.float8_e4m3fn": 2 * n_gemms}
+        assert got["gemm_weights"] == {"Fp8Weight": n_gemms}
+        if SCENARIOS[name].precompute_scales:  # one all-reduce before the step, none in it
+            assert got["precomputed_scales"] == n_gemms and got["scale_all_reduces"] == 0
+            assert got["precomputed_stale_after_step"] == [True] * n_gemms
+        else:  # one per gather
+            assert got["precomputed_scales"] == 0 and got["scale_all_reduces"] == 2 * n_gemms
+        assert ref["gemm_weights"] == {"Fp8AllGatherWeight": n_gemms}  # one process: cast by the linear itself
+    else:
+        assert got["fp8_all_gathers"] == {} and "Fp8Weight" not in got["gemm_weights"]
     _check_fused_and_reference(got, ref, SCENARIOS[name])
 
 

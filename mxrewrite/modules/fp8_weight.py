@@ -1,0 +1,215 @@
+"""FP8 all-gather under FSDP2: the weight of a ``format="fp8"`` linear cast before it is gathered.
+
+FSDP2 gathers each sharded weight before the forward (and again before the
+backward) in the parameter dtype, two bytes per element in bf16, and the linear
+then casts the whole gathered weight to FP8. With ``fsdp_fp8_all_gather=True``
+the weight parameter is an :class:`Fp8AllGatherWeight`, whose FSDP2 hooks cast
+each rank's shard first and gather one byte per element: half the traffic and
+half the unsharded weight's memory (torchao's float8 all-gather, for our recipe).
+
+* ``fsdp_pre_all_gather``: the shard's ``amax``, all-reduced (max) over the
+  mesh, gives the scale the whole weight would get (``formats.fp8.fp8_quantize``:
+  same power of two), and the shard is cast with it, so the gathered FP8 weight
+  is bit for bit the cast of the full weight.
+* ``fsdp_post_all_gather``: wraps the gathered bytes and the scale as an
+  :class:`Fp8Weight`, which the linears' autograd functions read as it is
+  (:func:`weight_cast`, :func:`weight_cast_transposed`).
+* :func:`precompute_fp8_scales` (after ``optimizer.step()``): the scales of every
+  such weight in one all-reduce instead of one per weight and gather (torchao's
+  ``precompute_float8_dynamic_scale_for_fsdp``). A precomputed scale is used only
+  while the parameter is unchanged since (its version counter), so forgetting the
+  call costs the per-weight all-reduces, never a stale scale.
+
+Outside FSDP2 an ``Fp8AllGatherWeight`` is its high-precision tensor: every op
+runs on it unwrapped (those FSDP2 uses to shard, pad and copy keep the wrapper),
+and the linears cast it themselves. A linear fed by a norm then cannot fold the
+norm's gain into the weight (the weight is cast before anything else sees it):
+the norm multiplies by its gain before its own cast instead, as TransformerEngine's
+``LayerNormLinear`` does (``CastSettings.gain_in_cast``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+
+from mxrewrite.formats.fp8 import amax_to_scale, fp8_quantize, fp8_quantize_with_transpose, saturating_cast
+
+aten = torch.ops.aten
+E4M3 = torch.float8_e4m3fn
+
+__all__ = ["Fp8AllGatherWeight", "Fp8Weight", "precompute_fp8_scales", "weight_cast", "weight_cast_transposed"]
+
+# ops FSDP2 and module moves use to shard, pad, copy and load the parameter: their results stay wrapped
+_KEEP_WRAPPER = {
+    aten.empty_like.default, aten.new_zeros.default, aten.slice.Tensor, aten.copy_.default, aten.view.default,
+    aten.as_strided.default, aten._to_copy.default, aten._pin_memory.default, aten.split.Tensor,
+    aten.clone.default, aten.detach.default, aten.alias.default,
+}
+
+
+def _wrapper_like(cls, t: torch.Tensor, dtype: torch.dtype):
+    return torch.Tensor._make_wrapper_subclass(cls, t.shape, strides=t.stride(), storage_offset=t.storage_offset(),
+                                               dtype=dtype, device=t.device, requires_grad=t.requires_grad)
+
+
+class Fp8AllGatherWeight(torch.Tensor):
+    """A linear's weight parameter that FSDP2 all-gathers in FP8 (see the module docstring)."""
+
+    _tensor: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, tensor: torch.Tensor):
+        return _wrapper_like(cls, tensor, tensor.dtype)
+
+    def __init__(self, tensor: torch.Tensor):
+        self._tensor = tensor
+        # (the parameter it was computed for, that parameter's version then, the scale): see precompute_fp8_scales
+        self._precomputed: tuple[weakref.ref, int, torch.Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return f"Fp8AllGatherWeight({self._tensor!r})"
+
+    def _local_amax(self) -> torch.Tensor:
+        shard = self._tensor
+        return shard.abs().amax().float() if shard.numel() else torch.zeros((), device=shard.device)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        args, kwargs = pytree.tree_map_only(cls, lambda t: t._tensor, (args, kwargs or {}))
+        out = func(*args, **kwargs)
+        if func not in _KEEP_WRAPPER:
+            return out
+        return pytree.tree_map_only(torch.Tensor, cls, out)
+
+    def __tensor_flatten__(self):
+        return ["_tensor"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        return Fp8AllGatherWeight(inner["_tensor"])
+
+    def fsdp_pre_all_gather(self, mesh):
+        """This rank's shard cast with the scale of the whole weight: precomputed, or its amax all-reduced over
+        ``mesh`` now."""
+        if self._precomputed is not None and _unchanged(*self._precomputed[:2]):
+            scale = self._precomputed[2]
+        else:
+            amax = self._local_amax()
+            _all_reduce_max(amax, mesh)
+            scale = amax_to_scale(amax, E4M3)
+        return (saturating_cast(self._tensor.float() * scale, E4M3),), (scale.reciprocal(),)
+
+    def fsdp_post_all_gather(self, all_gather_outputs: tuple[torch.Tensor, ...], metadata: Any,
+                             param_dtype: torch.dtype, *, out: torch.Tensor | None = None):
+        (data,), (scale,) = all_gather_outputs, metadata
+        if out is not None:  # the second gather (backward) refills the same storage: only the scale is new
+            local = out._local_tensor if hasattr(out, "_local_tensor") else out
+            local.scale = scale
+            return None
+        return Fp8Weight(data, scale, param_dtype), (data,)
+
+
+def _unchanged(param: weakref.ref, version: int) -> bool:
+    """Whether ``param`` is alive and not modified in place since its version was ``version``. (The sharded
+    parameter's own counter: FSDP2's DTensor updates its local tensor below the dispatcher level that counts.)"""
+    tensor = param()
+    return tensor is not None and tensor._version == version
+
+
+def _all_reduce_max(t: torch.Tensor, mesh) -> None:
+    for dim in range(mesh.ndim):  # (max is idempotent: HSDP's replicas agree already)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+
+
+@torch.no_grad()
+def precompute_fp8_scales(model: nn.Module) -> int:
+    """Compute the FP8 scale of every weight FSDP2 gathers in FP8 (``fsdp_fp8_all_gather``) with one all-reduce;
+    call it after each ``optimizer.step()``. Returns how many weights got one.
+
+    Weights sharded by FSDP2 alone (a 1-D mesh, the same for all) are covered; with tensor parallelism as well
+    each gather keeps all-reducing its own amax. A weight changed after this call (the parameter's version
+    counter moved) ignores its precomputed scale."""
+    from torch.distributed.tensor import DTensor
+
+    weights = [p for p in model.parameters()
+               if isinstance(p, DTensor) and isinstance(p._local_tensor, Fp8AllGatherWeight) and p.device_mesh.ndim == 1]
+    if not weights:
+        return 0
+    meshes = {id(w.device_mesh) for w in weights}
+    if len(meshes) > 1:
+        raise ValueError("precompute_fp8_scales needs every FP8-gathered weight on one FSDP2 mesh; found "
+                         f"{len(meshes)} meshes")
+    locals_ = [w._local_tensor for w in weights]
+    amax = torch.stack([local._local_amax() for local in locals_])
+    _all_reduce_max(amax, weights[0].device_mesh)
+    scales = amax_to_scale(amax, E4M3)
+    for weight, local, scale in zip(weights, locals_, scales.unbind()):
+        local._precomputed = (weakref.ref(weight), weight._version, scale)
+    return len(weights)
+
+
+class Fp8Weight(torch.Tensor):
+    """An FP8 weight as FSDP2 gathered it: ``data`` (e4m3, the weight's shape) times ``scale`` (0-d float32).
+
+    It stands for a parameter of dtype ``dtype``: FSDP2 views it, autograd detaches it, and the linears read
+    ``data`` and ``scale``; any other op is an error (it would silently see the wrong numbers)."""
+
+    data8: torch.Tensor
+    scale: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, data8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        return _wrapper_like(cls, data8, dtype)
+
+    def __init__(self, data8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        self.data8, self.scale = data8, scale
+
+    def __repr__(self) -> str:
+        return f"Fp8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, scale={self.scale})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (aten.detach.default, aten.alias.default):
+            w = args[0]
+            return Fp8Weight(func(w.data8), w.scale, w.dtype)
+        if func in (aten.as_strided.default, aten.view.default):
+            w = args[0]
+            return Fp8Weight(func(w.data8, *args[1:], **kwargs), w.scale, w.dtype)
+        raise NotImplementedError(
+            f"{func} on an FP8 weight gathered by FSDP2 (mxrewrite's fsdp_fp8_all_gather): only the "
+            f"converted linears read it; optimize without fsdp_fp8_all_gather to use the weight elsewhere")
+
+    def __tensor_flatten__(self):
+        return ["data8", "scale"], self.dtype
+
+    @staticmethod
+    def __tensor_unflatten__(inner, dtype, outer_size, outer_stride):
+        return Fp8Weight(inner["data8"], inner["scale"], dtype)
+
+
+def weight_cast(weight: torch.Tensor, gain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(data, dequant_scale)`` of ``weight * diag(gain)`` in e4m3: the gathered cast as it is, else
+    ``fp8_quantize`` (a gathered weight has no gain folded in: its norm applies the gain itself)."""
+    if isinstance(weight, Fp8Weight):
+        assert gain is None, "an FP8-gathered weight cannot take the norm's gain (gain_in_cast)"
+        return weight.data8, weight.scale
+    return fp8_quantize(weight.float() * gain if gain is not None else weight, E4M3)
+
+
+def weight_cast_transposed(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(data of W.T row-major, dequant_scale)``: the operand of ``G @ W``, written in one pass from ``W``, or
+    the transpose of the gathered cast (the same bits: same scale)."""
+    if isinstance(weight, Fp8Weight):
+        return weight.data8.t().contiguous(), weight.scale
+    _, data_t, scale = fp8_quantize_with_transpose(weight, E4M3)
+    return data_t, scale
+
+
+torch.serialization.add_safe_globals([Fp8AllGatherWeight])
