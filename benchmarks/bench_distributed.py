@@ -43,7 +43,9 @@ Arms (``--arms``: comma-separated substrings of the names; bf16 always runs):
 * ``torchao float8 tensorwise``: ``convert_to_float8_training`` (every linear but ``lm_head``) with
   ``enable_fsdp_float8_all_gather`` and ``precompute_float8_dynamic_scale_for_fsdp`` after each step,
   torchao's recommended FSDP2 setup;
-* ``mxrewrite fp8 rmsnorm`` / ``mxnorm``: ``optimize(format="fp8", linears="all")``;
+* ``mxrewrite fp8 rmsnorm`` / ``mxnorm``: ``optimize(format="fp8", linears="all")``; ``mxrewrite fp8-all-gather
+  rmsnorm`` the same (RMSNorm) with ``fsdp_fp8_all_gather=True``, FSDP2 gathering the weights' FP8 casts as torchao's
+  arm does;
 * ``mxrewrite mxfp8 mxnorm``: ``optimize()`` as by default (MXFP8 MXNorm on the norm-fed linears).
 
 Results go to ``OUT_DIR/bench_distributed.json`` and a table ``bench_distributed_table.md``; the script
@@ -99,6 +101,8 @@ ARMS = [
     Arm("torchao float8 tensorwise", "torchao", _torchao_tensorwise, per_rank_scales=True),
     Arm("mxrewrite fp8 rmsnorm", "mxrewrite", build_mxrewrite(True, format="fp8", norm="rmsnorm", linears="all")),
     Arm("mxrewrite fp8 mxnorm", "mxrewrite", build_mxrewrite(True, format="fp8", norm="mxnorm", linears="all")),
+    Arm("mxrewrite fp8-all-gather rmsnorm", "mxrewrite",
+        build_mxrewrite(True, format="fp8", norm="rmsnorm", linears="all", fsdp_fp8_all_gather=True)),
     Arm("mxrewrite mxfp8 mxnorm", "mxrewrite", build_mxrewrite(False, format="mxfp8", norm="mxnorm")),
 ]
 
@@ -227,8 +231,9 @@ def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.d
     apply_compile_and_ac(model, args.compile == "layers", args.ac)
     apply_fsdp(model, layout.dp_mesh, DTYPES[args.param_dtype])
     held = sharded_fraction(model)
+    gathered_in_fp8 = fp8_gathered_weights(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    after_step = _torchao_after_step(model) if arm.kind == "torchao" else (lambda: None)
+    after_step = _after_step(model, arm)
     build_s = time.perf_counter() - t_build
     log(f"built in {build_s:.1f} s, this rank holds {held:.3f} of the parameters")
 
@@ -262,7 +267,8 @@ def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.d
     tokens = ids.numel()
     result = dict(
         arm=arm.name, kind=arm.kind, status="ok", world=layout.world, dp=layout.dp, tp=layout.tp,
-        converted_linears=converted, held_fraction=held, build_s=build_s, losses=losses, step_s=times, median_step_s=median_s,
+        converted_linears=converted, fp8_gathered_weights=gathered_in_fp8, held_fraction=held, build_s=build_s,
+        losses=losses, step_s=times, median_step_s=median_s,
         tokens_per_s=tokens / median_s, tokens_per_s_per_gpu=tokens / median_s / layout.world,
         peak_mem_gib_per_gpu=float(peak) if device.type == "cuda" else None,
         compiled_graphs=int(torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)),
@@ -277,10 +283,24 @@ def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.d
     return dict(result=result, params=params, initial=initial)
 
 
-def _torchao_after_step(model: nn.Module) -> Callable[[], None]:
-    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+def fp8_gathered_weights(model: nn.Module) -> int:
+    """Parameters FSDP2 gathers through a pre-all-gather hook: FP8 casts (``fsdp_fp8_all_gather``, torchao's
+    ``enable_fsdp_float8_all_gather``)."""
+    return sum(hasattr(getattr(p, "_local_tensor", p), "fsdp_pre_all_gather") for p in model.parameters())
 
-    return lambda: precompute_float8_dynamic_scale_for_fsdp(model)
+
+def _after_step(model: nn.Module, arm: Arm) -> Callable[[], None]:
+    """What runs after each optimizer step: the FP8-gathered weights' scales in one all-reduce (torchao's and
+    mxrewrite's recommended FSDP2 setup; nothing for weights gathered in high precision)."""
+    if arm.kind == "torchao":
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+        return lambda: precompute_float8_dynamic_scale_for_fsdp(model)
+    if arm.kind == "mxrewrite":
+        import mxrewrite
+
+        return lambda: mxrewrite.precompute_fp8_scales(model)
+    return lambda: None
 
 
 def compare(run: dict, reference: dict, arm: Arm, args) -> dict:

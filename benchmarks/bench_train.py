@@ -85,6 +85,8 @@ ARMS = [
     Arm("torchao float8 rowwise", "torchao", build_torchao("rowwise")),
     Arm("mxrewrite fp8 rmsnorm", "mxrewrite-fp8", build_mxrewrite(True, format="fp8", norm="rmsnorm", linears="all")),
     Arm("mxrewrite fp8 mxnorm", "mxrewrite-fp8", build_mxrewrite(True, format="fp8", norm="mxnorm", linears="all")),
+    Arm("mxrewrite fp8 rmsnorm e4m3 grads", "mxrewrite-fp8",
+        build_mxrewrite(True, format="fp8", norm="rmsnorm", linears="all", grad_cast="e4m3")),
     Arm("mxrewrite mxfp8 mxnorm (norm-fed)", "mx", build_mxrewrite(False, format="mxfp8", norm="mxnorm")),
 ]
 

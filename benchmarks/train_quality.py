@@ -67,8 +67,8 @@ skip the runs of earlier calls through ``out/tq_done/`` anyway):
     grep -E '^(-->|skip|sweep|unavailable)' $OUT/log.txt | tail -60; exit $rc
 
 (``timeout_s`` 600.) Estimated from FLOPs with assumed speeds, before any run was
-measured: 95 runs, about 105 GPU minutes, 14 such calls; the first 7 finish
-tiers 0-1 (baseline, Gaussian and calibrated MXNorm p = 2 at lr 1e-3, three seeds,
+measured: 95 runs (98 with the e4m3-gradient FP8 arm added since), about 105 GPU minutes, 14 such calls;
+the first 7 finish tiers 0-1 (baseline, Gaussian and calibrated MXNorm p = 2 at lr 1e-3, three seeds,
 every width), which answer the main question. ``--plan`` re-estimates from the
 runs measured so far; ``--widths 2048`` (or any subset) splits the sweep by width.
 Locally:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_quality_sweep_report import save_figure, write_sweep_report  # noqa: E402
 
 ARM_ORDER = ("mxfp8-rmsnorm", "mxfp8-mxnorm-p2", "mxfp8-mxnorm-p2-cal", "mxfp8-mxnorm-p2-recal", "mxfp8-mxnorm-p1",
-             "nvfp4-rmsnorm", "nvfp4-mxnorm-p2", "bf16", "fp8-rmsnorm", "fp8-mxnorm")
+             "nvfp4-rmsnorm", "nvfp4-mxnorm-p2", "bf16", "fp8-rmsnorm", "fp8-mxnorm", "fp8-rmsnorm-e4m3")
 BASELINE = "mxfp8-rmsnorm"
 
 

@@ -36,7 +36,8 @@ Arms and seeds (``DEFAULT_RULES``; tiers in priority order, run tier by tier):
 4. at D = 256 and 512: MXNorm p = 1, NVFP4 with the exact RMSNorm and NVFP4
    MXNorm p = 2, seeds 0-2 (NVFP4's K at those widths equals MXFP8's at 512 and 1024);
 5. at D = 512 (the 25M model), issue 13's check: bf16 (no rewrite), the FP8 recipe
-   (``format="fp8", linears="all"``) with the exact RMSNorm and with MXNorm, seeds 0-2.
+   (``format="fp8", linears="all"``) with the exact RMSNorm, with MXNorm, and with the
+   exact RMSNorm and e4m3 gradients (``grad_cast="e4m3"``), seeds 0-2.
 
 Run times are estimated from the model's FLOPs with assumed H200 speeds
 (``CostModel``: an MX GEMM on Hopper is emulated, so the assumed rates are far
@@ -128,7 +129,7 @@ DEFAULT_RULES = (
     ArmRule(2, (P2_CAL,), (0,), (HIGH_LR,)),
     ArmRule(3, (P2_RECAL,), (0,), (MAIN_LR,)),
     ArmRule(4, ("mxfp8-mxnorm-p1", "nvfp4-rmsnorm", "nvfp4-mxnorm-p2"), SEEDS, (MAIN_LR,), (256, 512)),
-    ArmRule(5, ("bf16", "fp8-rmsnorm", "fp8-mxnorm"), SEEDS, (MAIN_LR,), (512,)),
+    ArmRule(5, ("bf16", "fp8-rmsnorm", "fp8-mxnorm", "fp8-rmsnorm-e4m3"), SEEDS, (MAIN_LR,), (512,)),
 )
 
 

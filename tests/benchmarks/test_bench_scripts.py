@@ -137,7 +137,8 @@ def test_bench_distributed_smoke(tmp_path, tp):
     every arm trains, the parameters are really sharded, and the 2-rank run follows the one-rank run within the
     script's tolerances."""
     res = _bench_distributed(tmp_path, "--tp", str(tp))
-    mx_arms = ["mxrewrite fp8 rmsnorm", "mxrewrite fp8 mxnorm", "mxrewrite mxfp8 mxnorm"]
+    mx_arms = ["mxrewrite fp8 rmsnorm", "mxrewrite fp8 mxnorm", "mxrewrite fp8-all-gather rmsnorm",
+               "mxrewrite mxfp8 mxnorm"]
     for name in ["bf16", *mx_arms]:
         r = res[name]
         assert r["status"] == "ok", r["status"]
@@ -149,7 +150,8 @@ def test_bench_distributed_smoke(tmp_path, tp):
         assert len(r["reference"]["reference_losses"]) == 6
     for name in mx_arms:  # the casts ran: the losses are not bf16's, and every linear but the head was replaced
         assert res[name]["losses"][1:] != res["bf16"]["losses"][1:]
-    assert [res[n]["converted_linears"] for n in mx_arms] == [14, 14, 10]
+    assert [res[n]["converted_linears"] for n in mx_arms] == [14, 14, 14, 10]
+    assert [res[n]["fp8_gathered_weights"] for n in mx_arms] == [0, 0, 14, 0]
     assert res["bf16"]["converted_linears"] == 0
     # float32 compute: the split batch or the split linears change only the order of the sums
     assert res["bf16"]["reference"]["loss_max_rel_diff"] < 1e-5
@@ -159,13 +161,15 @@ def test_bench_distributed_smoke(tmp_path, tp):
 @pytest.mark.slow
 def test_bench_distributed_compiled_layers(tmp_path):
     """The GPU run's stack on CPU: per-layer torch.compile (fullgraph) inside activation checkpointing under
-    FSDP2, the FP8 recipe against bf16; about 90 s of compiling."""
-    res = _bench_distributed(tmp_path, "--compile", "layers", "--arms", "mxrewrite fp8 rmsnorm")
-    assert list(res) == ["bf16", "mxrewrite fp8 rmsnorm"]
+    FSDP2, the FP8 recipe (weights gathered in bf16, and in FP8) against bf16; about 2 min of compiling."""
+    res = _bench_distributed(tmp_path, "--compile", "layers", "--arms", "mxrewrite fp8 rmsnorm,fp8-all-gather")
+    fp8_arms = ["mxrewrite fp8 rmsnorm", "mxrewrite fp8-all-gather rmsnorm"]
+    assert list(res) == ["bf16", *fp8_arms]
     for r in res.values():
         assert r["status"] == "ok" and r["trains"] and r["reference"]["ok"], r
         assert r["compiled_graphs"] >= 1
-    assert res["mxrewrite fp8 rmsnorm"]["reference"]["param_max_rel_drift"] < 1e-3
+    for name in fp8_arms:
+        assert res[name]["reference"]["param_max_rel_drift"] < 1e-3
 
 
 @pytest.mark.slow

@@ -153,7 +153,7 @@ def test_sweep_plan_arms_seeds_and_order():
     widths = sweep.parse_widths("256,512,1024,2048")
     runs = sweep.plan_sweep(widths)
     ids = [run.run_id for run in runs]
-    assert len(ids) == len(set(ids)) == 95
+    assert len(ids) == len(set(ids)) == 98
     count = {}
     for run in runs:
         count[(run.arm, run.width.d_model)] = count.get((run.arm, run.width.d_model), 0) + 1
@@ -161,7 +161,7 @@ def test_sweep_plan_arms_seeds_and_order():
         assert count[("mxfp8-rmsnorm", d_model)] == count[("mxfp8-mxnorm-p2", d_model)] == 6
         assert count[("mxfp8-mxnorm-p2-cal", d_model)] == 4 and count[("mxfp8-mxnorm-p2-recal", d_model)] == 1
     assert {d for (arm, d) in count if arm in ("mxfp8-mxnorm-p1", "nvfp4-mxnorm-p2")} == {256, 512}
-    assert {d for (arm, d) in count if arm in ("bf16", "fp8-rmsnorm", "fp8-mxnorm")} == {512}
+    assert {d for (arm, d) in count if arm in ("bf16", "fp8-rmsnorm", "fp8-mxnorm", "fp8-rmsnorm-e4m3")} == {512}
     assert ids[:3] == ["w256L16-mxfp8-rmsnorm-s0-lr0.001", "w256L16-mxfp8-mxnorm-p2-s0-lr0.001",
                        "w256L16-mxfp8-mxnorm-p2-cal-s0-lr0.001"]
     assert [run.tier for run in runs] == sorted(run.tier for run in runs)
@@ -206,7 +206,7 @@ def test_plan_prints_without_running(capsys, tmp_path):
     # (--out is also read for records: an empty folder, so the repository's records do not count)
     assert tq.main(["--plan", "--records", "/nonexistent", "--out", str(tmp_path)]) == []
     text = capsys.readouterr().out
-    assert "95 runs planned, 0 done" in text and "| 2048 |        64 |       128 |" in text
+    assert "98 runs planned, 0 done" in text and "| 2048 |        64 |       128 |" in text
     assert "--widths 256,512,1024,2048 --deadline-s 470 --records benchmarks/train_quality_runs" in text
 
 
