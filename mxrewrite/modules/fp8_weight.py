@@ -34,8 +34,8 @@ import weakref
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from mxrewrite.formats.fp8 import amax_to_scale, fp8_quantize, fp8_quantize_with_transpose, saturating_cast
