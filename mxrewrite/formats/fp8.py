@@ -52,9 +52,11 @@ def saturating_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.clamp(min=-limit, max=limit).to(dtype)
 
 
-def fp8_quantize(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-tensor cast: ``(data, dequant_scale)`` with ``t ~= data * dequant_scale``."""
-    scale = amax_to_scale(t.abs().amax(), dtype)
+def fp8_quantize(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, amax: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-tensor cast: ``(data, dequant_scale)`` with ``t ~= data * dequant_scale``. ``amax``: the
+    largest magnitude the scale is for, when ``t`` is part of a larger tensor (a shard); default ``t``'s own."""
+    scale = amax_to_scale(t.abs().amax() if amax is None else amax, dtype)
     return saturating_cast(t.to(torch.float32) * scale, dtype), scale.reciprocal()
 
 

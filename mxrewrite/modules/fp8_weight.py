@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from mxrewrite.formats.fp8 import amax_to_scale, fp8_quantize, fp8_quantize_with_transpose, saturating_cast
+from mxrewrite.formats.fp8 import fp8_quantize, fp8_quantize_with_transpose
 
 aten = torch.ops.aten
 E4M3 = torch.float8_e4m3fn
@@ -69,7 +69,7 @@ class Fp8AllGatherWeight(torch.Tensor):
 
     def __init__(self, tensor: torch.Tensor):
         self._tensor = tensor
-        # (the parameter it was computed for, that parameter's version then, the scale): see precompute_fp8_scales
+        # (the parameter it was computed for, that parameter's version then, the amax): see precompute_fp8_scales
         self._precomputed: tuple[weakref.ref, int, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
@@ -98,12 +98,12 @@ class Fp8AllGatherWeight(torch.Tensor):
         """This rank's shard cast with the scale of the whole weight: precomputed, or its amax all-reduced over
         ``mesh`` now."""
         if self._precomputed is not None and _unchanged(*self._precomputed[:2]):
-            scale = self._precomputed[2]
+            amax = self._precomputed[2]
         else:
             amax = self._local_amax()
             _all_reduce_max(amax, mesh)
-            scale = amax_to_scale(amax, E4M3)
-        return (saturating_cast(self._tensor.float() * scale, E4M3),), (scale.reciprocal(),)
+        data, scale = fp8_quantize(self._tensor, E4M3, amax)
+        return (data,), (scale,)
 
     def fsdp_post_all_gather(self, all_gather_outputs: tuple[torch.Tensor, ...], metadata: Any,
                              param_dtype: torch.dtype, *, out: torch.Tensor | None = None):
@@ -148,9 +148,8 @@ def precompute_fp8_scales(model: nn.Module) -> int:
     locals_ = [w._local_tensor for w in weights]
     amax = torch.stack([local._local_amax() for local in locals_])
     _all_reduce_max(amax, weights[0].device_mesh)
-    scales = amax_to_scale(amax, E4M3)
-    for weight, local, scale in zip(weights, locals_, scales.unbind()):
-        local._precomputed = (weakref.ref(weight), weight._version, scale)
+    for weight, local, weight_amax in zip(weights, locals_, amax.unbind()):
+        local._precomputed = (weakref.ref(weight), weight._version, weight_amax)
     return len(weights)
 
 

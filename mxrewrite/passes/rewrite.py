@@ -87,7 +87,9 @@ def _gather_weights_in_fp8(model: nn.Module, names: set[str]) -> None:
     for name in sorted(names):
         linear = model.get_submodule(name)
         weight = linear.weight
-        if type(linear) is not MXLinear or uses[id(weight)] > 1 or isinstance(weight, Fp8AllGatherWeight):
+        if isinstance(weight, Fp8AllGatherWeight):  # (a model optimized twice)
+            continue
+        if type(linear) is not MXLinear or uses[id(weight)] > 1:
             log.info("%s: weight gathered in high precision (tied to another module, or not a plain linear)", name)
             continue
         linear.weight = nn.Parameter(Fp8AllGatherWeight(weight.data), requires_grad=weight.requires_grad)

@@ -167,7 +167,7 @@ def test_verify_compares_the_gradients_of_the_new_weight_parameters():
 def test_a_precomputed_scale_is_used_only_while_the_weight_is_unchanged():
     """(``precompute_fp8_scales`` itself, on 2 FSDP2 ranks: tests/distributed/test_fsdp_tp.py.)"""
     weight = Fp8AllGatherWeight(torch.randn(16, 64))
-    weight._precomputed = (weakref.ref(weight), weight._version, torch.tensor(0.25))  # dequantisation scale 4
+    weight._precomputed = (weakref.ref(weight), weight._version, torch.tensor(1792.0))  # 448 * 4: scale 4
     (_,), (scale,) = weight.fsdp_pre_all_gather(ONE_RANK)
     assert scale.item() == 4.0
     with torch.no_grad():
