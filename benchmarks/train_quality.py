@@ -56,12 +56,15 @@ The sweep on the H200: one device call (repo root, ``$OUT`` comes back) runs a
 slice of at most ~8 minutes of runs (``--deadline-s 470``: no run starts whose
 estimate ends later; one in progress is cut at 530 s, recorded ``truncated`` and
 re-run later), and the same call continues the sweep until ``--plan`` shows
-nothing left. After each call copy ``runs-*.jsonl`` from the returned files into
+nothing left. ``--lanes 3`` runs three processes at once on the GPU, each its
+share of the runs (the narrow models leave the GPU mostly idle: 12.7M parameters
+ran at 101 ms a step alone); the records say so (``env.gpu_shared_by_lanes``),
+and their times are then those of a shared GPU. After each call copy ``runs-*.jsonl`` from the returned files into
 ``benchmarks/train_quality_runs/`` and commit it (calls on a machine still warm
 skip the runs of earlier calls through ``out/tq_done/`` anyway):
 
     export PYTHONPATH=$PWD TORCHINDUCTOR_CACHE_DIR=$PWD/out/inductor-cache; mkdir -p out/tq_done; \\
-    python3 benchmarks/train_quality.py --widths 256,512,1024,2048 --deadline-s 470 \\
+    python3 benchmarks/train_quality.py --widths 256,512,1024,2048 --deadline-s 470 --lanes 3 \\
         --records benchmarks/train_quality_runs --records out/tq_done --out $OUT > $OUT/log.txt 2>&1; \\
     rc=$?; cp $OUT/*.jsonl out/tq_done/ 2>/dev/null; \\
     grep -E '^(-->|skip|sweep|unavailable)' $OUT/log.txt | tail -60; exit $rc
@@ -615,6 +618,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "(--preset default)")
     sweep_group.add_argument("--hard-deadline-s", type=float, default=None,
                              help="cut a run's training this long after launch (default --deadline-s + 60)")
+    sweep_group.add_argument("--lanes", type=int, default=1,
+                             help="run this many processes at once on the GPU, each its share of the runs "
+                                  "(the narrow models leave the GPU mostly idle)")
+    sweep_group.add_argument("--lane", default=None, help=argparse.SUPPRESS)  # "i/n": set for the lanes' processes
     parser.add_argument("--arms", default=None, help="comma list of arms (default: the mode's own)")
     parser.add_argument("--seeds", default=None, help="sweep: only these seeds; --preset: first runs every arm")
     parser.add_argument("--seed-arms", default=f"{BASELINE},mxfp8-mxnorm-p2")
@@ -805,12 +812,18 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None, t_launch: float)
     steps = {w: s.steps for w, s in settings.items()}
     deadline = args.deadline_s if math.isfinite(args.deadline_s) else 470.0
     if args.plan:
-        command = sweep.device_command(args.widths or ",".join(map(str, sweep.DEFAULT_WIDTHS)), deadline)
-        print(sweep.plan_text(runs, pending, list(settings), steps, estimator, deadline, command))
+        command = sweep.device_command(args.widths or ",".join(map(str, sweep.DEFAULT_WIDTHS)), deadline, args.lanes)
+        print(sweep.plan_text(runs, pending, list(settings), steps, estimator, deadline, command, args.lanes))
         return []
+    if args.lanes > 1 and args.lane is None:
+        costs = [estimator.run_cost(run, steps[run.width], cached=False).total_s for run in pending]
+        lane_of = sweep.assign_lanes(costs, args.lanes)
+        return run_lanes(args, argv, [[run.run_id for run, lane in zip(pending, lane_of) if lane == i]
+                                      for i in range(args.lanes)])
     setup_device(args)
     corpus, tokens = load_corpus(args.device)
     env = environment(args.device)
+    env["gpu_shared_by_lanes"] = int(args.lane.split("/")[1]) if args.lane else 1
     print(f"corpus {corpus.describe()}\nenv {env}", flush=True)
     print(f"sweep: {len(runs)} runs planned, {len(runs) - len(pending)} already recorded, {len(pending)} to run",
           flush=True)
@@ -822,7 +835,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None, t_launch: float)
         cost = estimator.run_cost(run, steps[run.width], cached)
         jobs.append(Job(RunSpec(run.arm, run.seed, run.lr, run.width.tag), settings[run.width], cost))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_file = Path(args.out) / f"runs-{stamp}.jsonl"
+    lane_suffix = f"-lane{args.lane.replace('/', 'of')}" if args.lane else ""
+    out_file = Path(args.out) / f"runs-{stamp}{lane_suffix}.jsonl"
     hard = args.hard_deadline_s if args.hard_deadline_s is not None else args.deadline_s + 60
     results = execute(jobs, corpus, tokens, env, out_file, _command(argv), t_launch, args.deadline_s, hard)
     left = [run for run in pending if run.run_id not in {r["run_id"] for r in results
@@ -834,6 +848,45 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None, t_launch: float)
 
         write_sweep_report(sweep.read_records(args.records + [args.out]), md_path=args.md)
     return results
+
+
+SUMMARY_PREFIXES = ("-->", "skip", "sweep", "unavailable")
+
+
+def run_lanes(args: argparse.Namespace, argv: list[str] | None, lanes: list[list[str]]) -> list[dict]:
+    """Run each lane's runs in a process of its own, all at once; their logs are ``lane-<i>.log`` in
+    ``--out`` and their summary lines are printed here when they end. Returns the lanes' records."""
+    child_argv = []
+    skip_value = False
+    for arg in (sys.argv[1:] if argv is None else argv):
+        if skip_value:
+            skip_value = False
+        elif arg in ("--lanes", "--runs"):
+            skip_value = True
+        elif not arg.startswith(("--lanes=", "--runs=")):
+            child_argv.append(arg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    before = set(sweep.record_files([out]))
+    procs = []
+    for i, run_ids in enumerate(lanes):
+        if not run_ids:
+            continue
+        log = open(out / f"lane-{i}.log", "w")
+        command = [sys.executable, __file__, *child_argv, "--runs", ",".join(run_ids), "--lane", f"{i}/{len(lanes)}"]
+        procs.append((i, log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
+        print(f"sweep: lane {i}: {len(run_ids)} runs, log {log.name}", flush=True)
+    failed = []
+    for i, log, proc in procs:
+        if proc.wait() != 0:
+            failed.append(i)
+        log.close()
+        for line in Path(log.name).read_text().splitlines():
+            if line.startswith(SUMMARY_PREFIXES):
+                print(line, flush=True)
+    if failed:
+        raise SystemExit(f"lane(s) {failed} failed: see their logs in {out}")
+    return sweep.read_records(sorted(set(sweep.record_files([out])) - before))
 
 
 # ---------------------------------------------------------------------------

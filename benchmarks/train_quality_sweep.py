@@ -338,25 +338,60 @@ class Estimator:
         return RunCost(steps * step_ms / 1000, compile_s, other, False)
 
 
-def simulate_slices(runs: list[SweepRun], steps: dict[WidthSpec, int], estimator: Estimator,
-                    deadline_s: float) -> list[list[tuple[SweepRun, RunCost]]]:
-    """Pack ``runs`` into device calls the way the runner does: in order, a run starts only if its
-    estimate ends before ``deadline_s`` (the first run of a call always starts), each call a new
-    process with a cold compile cache."""
-    pending, slices = list(runs), []
+def assign_lanes(seconds: list[float], lanes: int) -> list[int]:
+    """Lane of each run when ``lanes`` processes share the GPU: in order (priority first), each run
+    goes to the lane with the least estimated work so far, so the first runs start at once."""
+    load, lane_of = [0.0] * lanes, []
+    for s in seconds:
+        lane = min(range(lanes), key=load.__getitem__)
+        lane_of.append(lane)
+        load[lane] += s
+    return lane_of
+
+
+@dataclass(frozen=True)
+class DeviceCall:
+    """The runs one device call takes: one list per lane (process), each in its running order."""
+
+    lanes: list[list[tuple[SweepRun, RunCost]]]
+    startup_s: float
+
+    @property
+    def taken(self) -> list[tuple[SweepRun, RunCost]]:
+        return [item for lane in self.lanes for item in lane]
+
+    @property
+    def seconds(self) -> float:
+        """Wall time: the longest lane."""
+        return max(self.startup_s + sum(cost.total_s for _, cost in lane) for lane in self.lanes)
+
+
+def simulate_calls(runs: list[SweepRun], steps: dict[WidthSpec, int], estimator: Estimator,
+                   deadline_s: float, lanes: int = 1) -> list[DeviceCall]:
+    """Pack ``runs`` into device calls the way the runner does: ``lanes`` processes each take their
+    share of what is left (:func:`assign_lanes`); in a lane, in order, a run starts only if its
+    estimate ends before ``deadline_s`` (a lane's first run always starts); each call has a cold
+    compile cache. The estimates are used as they are: run times measured while lanes shared the
+    GPU include the sharing, FLOP estimates do not."""
+    pending, calls = list(runs), []
     while pending:
-        elapsed, compiled, taken, left = estimator.cost.startup_s, set(), [], []
-        for run in pending:
-            cost = estimator.run_cost(run, steps[run.width], graph_key(run) in compiled)
-            if taken and elapsed + cost.total_s > deadline_s:
-                left.append(run)
-                continue
-            taken.append((run, cost))
-            compiled.add(graph_key(run))
-            elapsed += cost.total_s
-        slices.append(taken)
-        pending = left
-    return slices
+        costs = [estimator.run_cost(run, steps[run.width], cached=False) for run in pending]
+        lane_of = assign_lanes([cost.total_s for cost in costs], lanes)
+        taken_by_lane, left = [], set()
+        for lane in range(lanes):
+            elapsed, compiled, taken = estimator.cost.startup_s, set(), []
+            for run in (run for run, owner in zip(pending, lane_of) if owner == lane):
+                cost = estimator.run_cost(run, steps[run.width], graph_key(run) in compiled)
+                if taken and elapsed + cost.total_s > deadline_s:
+                    left.add(run.run_id)
+                    continue
+                taken.append((run, cost))
+                compiled.add(graph_key(run))
+                elapsed += cost.total_s
+            taken_by_lane.append(taken)
+        calls.append(DeviceCall([lane for lane in taken_by_lane if lane], estimator.cost.startup_s))
+        pending = [run for run in pending if run.run_id in left]
+    return calls
 
 
 # ---------------------------------------------------------------------------
@@ -383,7 +418,7 @@ WIDTH_HEADERS = ["D", "K mxfp8", "K nvfp4", "layers", "sites", "heads/kv", "ffn"
 
 
 def plan_text(runs: list[SweepRun], pending: list[SweepRun], widths: list[WidthSpec], steps: dict[WidthSpec, int],
-              estimator: Estimator, deadline_s: float, command: str) -> str:
+              estimator: Estimator, deadline_s: float, command: str, lanes: int = 1) -> str:
     """The plan as text: sizes, runs per arm and width, estimated GPU time and device calls."""
     lines = ["Model sizes (same tokens per parameter; depth x width = 4096 unless given as D:L):", "",
              tabulate(width_rows(widths, steps, estimator.cost, estimator.batch_size, estimator.seq_len),
@@ -398,30 +433,31 @@ def plan_text(runs: list[SweepRun], pending: list[SweepRun], widths: list[WidthS
     lines += ["Runs per arm and width (done/planned):", "",
               tabulate([[arm] + [by_w.get(w, "") for w in widths] for arm, by_w in counts.items()],
                        ["arm"] + [w.tag for w in widths], tablefmt="github"), ""]
-    slices = simulate_slices(pending, steps, estimator, deadline_s)
-    total = sum(cost.total_s for s in slices for _, cost in s) + len(slices) * estimator.cost.startup_s
-    measured = sum(cost.measured for s in slices for _, cost in s)
+    calls = simulate_calls(pending, steps, estimator, deadline_s, lanes)
+    taken = [item for call in calls for item in call.taken]
     rows = []
-    for i, taken in enumerate(slices, 1):
-        seconds = estimator.cost.startup_s + sum(cost.total_s for _, cost in taken)
-        tags = sorted({run.width.tag for run, _ in taken}, key=lambda t: int(t[1:].split("L")[0]))
-        rows.append([i, len(taken), f"{seconds / 60:.1f}", ", ".join(tags),
-                     f"{taken[0][0].run_id} .. {taken[-1][0].run_id}"])
+    for i, call in enumerate(calls, 1):
+        tags = sorted({run.width.tag for run, _ in call.taken}, key=lambda t: int(t[1:].split("L")[0]))
+        rows.append([i, len(call.taken), f"{call.seconds / 60:.1f}", ", ".join(tags),
+                     f"{call.taken[0][0].run_id} .. {call.taken[-1][0].run_id}"])
+    sharing = f", {lanes} runs at a time on the GPU" if lanes > 1 else ""
     lines += [f"{len(runs)} runs planned, {len(runs) - len(pending)} done, {len(pending)} to run: about "
-              f"{total / 60:.0f} GPU minutes ({measured} of {sum(len(s) for s in slices)} run times measured, "
-              f"the rest estimated from FLOPs with the assumed speeds of CostModel) in {len(slices)} device "
-              f"call(s) of at most {deadline_s / 60:.0f} minutes' planned work:", "",
+              f"{sum(call.seconds for call in calls) / 60:.0f} device minutes "
+              f"({sum(cost.measured for _, cost in taken)} of {len(taken)} run times measured, "
+              f"the rest estimated from FLOPs with the assumed speeds of CostModel) in {len(calls)} device "
+              f"call(s) of at most {deadline_s / 60:.0f} minutes' planned work{sharing}:", "",
               tabulate(rows, ["call", "runs", "est min", "widths", "first .. last run"], tablefmt="github"), "",
               "Each call is the same command (finished runs are skipped):", "", f"    {command}"]
     return "\n".join(lines)
 
 
-def device_command(widths: str, deadline_s: float) -> str:
+def device_command(widths: str, deadline_s: float, lanes: int = 1) -> str:
     """The shell line of one device call (repo root; $OUT comes back). Finished runs are skipped: those
     committed in benchmarks/train_quality_runs/ and, on a machine still warm from an earlier call, those
     kept in out/tq_done/ (ignored by git, so it stays on the machine between calls)."""
+    lanes_flag = f" --lanes {lanes}" if lanes > 1 else ""
     return ("export PYTHONPATH=$PWD TORCHINDUCTOR_CACHE_DIR=$PWD/out/inductor-cache; mkdir -p out/tq_done; "
-            f"python3 benchmarks/train_quality.py --widths {widths} --deadline-s {deadline_s:g} "
+            f"python3 benchmarks/train_quality.py --widths {widths} --deadline-s {deadline_s:g}{lanes_flag} "
             "--records benchmarks/train_quality_runs --records out/tq_done --out $OUT > $OUT/log.txt 2>&1; "
             "rc=$?; cp $OUT/*.jsonl out/tq_done/ 2>/dev/null; "
             "grep -E '^(-->|skip|sweep|unavailable)' $OUT/log.txt | tail -60; exit $rc")

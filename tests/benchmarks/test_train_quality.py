@@ -175,11 +175,15 @@ def test_slices_respect_the_deadline_and_measured_times_replace_estimates():
     runs = sweep.plan_sweep(widths, arms={"mxfp8-rmsnorm"})
     steps = sweep.plan_steps(widths, None, sweep.TOKENS_PER_PARAM, 32, 512)
     estimator = sweep.Estimator()
-    slices = sweep.simulate_slices(runs, steps, estimator, deadline_s=300)
-    assert sum(len(s) for s in slices) == len(runs)
-    for taken in slices:
-        total = estimator.cost.startup_s + sum(cost.total_s for _, cost in taken)
-        assert total <= 300 or len(taken) == 1
+    calls = sweep.simulate_calls(runs, steps, estimator, deadline_s=300)
+    assert sum(len(call.taken) for call in calls) == len(runs)
+    for call in calls:
+        assert call.seconds <= 300 or len(call.taken) == 1
+    two_lanes = sweep.simulate_calls(runs, steps, estimator, deadline_s=300, lanes=2)
+    assert sorted(run.run_id for call in two_lanes for run, _ in call.taken) == sorted(r.run_id for r in runs)
+    assert len(two_lanes) < len(calls) and all(len(call.lanes) <= 2 for call in two_lanes)
+    for call in two_lanes:
+        assert all(len(lane) == 1 or call.startup_s + sum(c.total_s for _, c in lane) <= 300 for lane in call.lanes)
     record = {"status": "ok", "tag": "w2048L2", "arm": "mxfp8-rmsnorm",
               "timing": {"step_ms": 10.0, "first_eval_incl_compile_s": 5.0, "first_step_s": 1.01, "train_s": 16.9,
                          "total_s": 30.0}}
@@ -187,6 +191,11 @@ def test_slices_respect_the_deadline_and_measured_times_replace_estimates():
     cost = measured.run_cost(runs[-1], steps[widths[1]], cached=False)
     assert cost.measured and cost.train_s == pytest.approx(16.88)
     assert cost.compile_s == pytest.approx(6.0) and cost.other_s == pytest.approx(7.1)  # backward compile: step 1
+
+
+def test_lanes_take_runs_in_priority_order_onto_the_least_loaded_lane():
+    assert sweep.assign_lanes([10, 1, 1, 1, 5], 2) == [0, 1, 1, 1, 1]
+    assert sweep.assign_lanes([3, 3, 3], 1) == [0, 0, 0]
 
 
 def test_finished_records_are_skipped_and_a_changed_design_refuses(tmp_path):
@@ -300,6 +309,20 @@ def test_sweep_writes_records_skips_them_and_rebuilds_the_report(tmp_path):
     pytest.importorskip("matplotlib")
     for name in sweep_report.PNG_NAMES.values():
         assert (records / name).stat().st_size > 0 and f"]({name})" in md
+
+
+def test_lanes_run_their_shares_in_processes_of_their_own(tmp_path):
+    records = tmp_path / "runs"
+    run_ids = ["w64L1-mxfp8-rmsnorm-s0-lr0.001", "w64L1-mxfp8-mxnorm-p2-s0-lr0.001", "w64L1-bf16-s0-lr0.001"]
+    argv = ["--widths", "64:1", "--steps", "2", "--seeds", "0", "--lrs", "1e-3", "--eval-points", "1",
+            "--stats-rows", "0", "--arms", "mxfp8-rmsnorm,mxfp8-mxnorm-p2,bf16", "--runs", ",".join(run_ids),
+            "--lanes", "2", "--out", str(records), "--records", str(records), *SMOKE_FLAGS]
+    results = tq.main(argv)
+    assert sorted(r["run_id"] for r in results) == sorted(run_ids) and all(r["status"] == "ok" for r in results)
+    files = sorted(records.glob("*.jsonl"))
+    assert [f.name.split("-")[-1] for f in files] == ["lane0of2.jsonl", "lane1of2.jsonl"]
+    assert {r["env"]["gpu_shared_by_lanes"] for r in results} == {2}
+    assert sorted((records).glob("lane-*.log")) and tq.main(argv) == []  # all recorded: nothing runs again
 
 
 def test_gap_verdicts_follow_the_interval():
