@@ -57,9 +57,10 @@ slice of at most ~8 minutes of runs (``--deadline-s 470``: no run starts whose
 estimate ends later; one in progress is cut at 530 s, recorded ``truncated`` and
 re-run later), and the same call continues the sweep until ``--plan`` shows
 nothing left. ``--lanes 3`` runs three processes at once on the GPU, each its
-share of the runs (the narrow models leave the GPU mostly idle: 12.7M parameters
-ran at 101 ms a step alone); the records say so (``env.gpu_shared_by_lanes``),
-and their times are then those of a shared GPU. After each call copy ``runs-*.jsonl`` from the returned files into
+share of the runs: the models are too small to keep a Hopper busy from one process
+(12.7M parameters: 101 ms a step alone on the H200, 175 ms with three lanes on an H100),
+so one call finished 12 runs with three lanes where it finished about 6 alone. The
+records say so (``env.gpu_shared_by_lanes``): their times are those of a shared GPU. After each call copy ``runs-*.jsonl`` from the returned files into
 ``benchmarks/train_quality_runs/`` and commit it (calls on a machine still warm
 skip the runs of earlier calls through ``out/tq_done/`` anyway):
 

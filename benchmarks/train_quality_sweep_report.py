@@ -322,7 +322,11 @@ def provenance(runs: list[dict]) -> list[str]:
         if len(values) > 1:
             lines.append(f"WARNING: {tag} has runs of {sorted(values)} steps")
     if len(devices) > 1:
-        lines.append("WARNING: runs from more than one kind of device")
+        lines.append("WARNING: runs from more than one kind of device: their ms/step do not compare")
+    shared = sum(r.get("env", {}).get("gpu_shared_by_lanes", 1) > 1 for r in runs)
+    if shared:
+        lines.append(f"{shared} runs shared the GPU with other runs (`--lanes`): their ms/step are those of a "
+                     "shared GPU")
     return lines
 
 
