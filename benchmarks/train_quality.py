@@ -60,7 +60,8 @@ nothing left. ``--lanes 3`` runs three processes at once on the GPU, each its
 share of the runs: the models are too small to keep a Hopper busy from one process
 (12.7M parameters: 101 ms a step alone on the H200, 175 ms with three lanes on an H100),
 so one call finished 12 runs with three lanes where it finished about 6 alone. The
-records say so (``env.gpu_shared_by_lanes``): their times are those of a shared GPU. After each call copy ``runs-*.jsonl`` from the returned files into
+records say so (``env.gpu_shared_by_lanes``): their times are those of a shared GPU.
+After each call copy ``runs-*.jsonl`` from the returned files into
 ``benchmarks/train_quality_runs/`` and commit it (calls on a machine still warm
 skip the runs of earlier calls through ``out/tq_done/`` anyway):
 
@@ -621,7 +622,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              help="cut a run's training this long after launch (default --deadline-s + 60)")
     sweep_group.add_argument("--lanes", type=int, default=1,
                              help="run this many processes at once on the GPU, each its share of the runs "
-                                  "(the narrow models leave the GPU mostly idle)")
+                                  "(one process of the sweep's small models leaves a Hopper mostly idle)")
     sweep_group.add_argument("--lane", default=None, help=argparse.SUPPRESS)  # "i/n": set for the lanes' processes
     parser.add_argument("--arms", default=None, help="comma list of arms (default: the mode's own)")
     parser.add_argument("--seeds", default=None, help="sweep: only these seeds; --preset: first runs every arm")

@@ -322,7 +322,7 @@ def test_lanes_run_their_shares_in_processes_of_their_own(tmp_path):
     files = sorted(records.glob("*.jsonl"))
     assert [f.name.split("-")[-1] for f in files] == ["lane0of2.jsonl", "lane1of2.jsonl"]
     assert {r["env"]["gpu_shared_by_lanes"] for r in results} == {2}
-    assert sorted((records).glob("lane-*.log")) and tq.main(argv) == []  # all recorded: nothing runs again
+    assert sorted(records.glob("lane-*.log")) and tq.main(argv) == []  # all recorded: nothing runs again
 
 
 def test_gap_verdicts_follow_the_interval():
