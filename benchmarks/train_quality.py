@@ -818,10 +818,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None, t_launch: float)
         print(sweep.plan_text(runs, pending, list(settings), steps, estimator, deadline, command, args.lanes))
         return []
     if args.lanes > 1 and args.lane is None:
-        costs = [estimator.run_cost(run, steps[run.width], cached=False).total_s for run in pending]
-        lane_of = sweep.assign_lanes(costs, args.lanes)
-        return run_lanes(args, argv, [[run.run_id for run, lane in zip(pending, lane_of) if lane == i]
-                                      for i in range(args.lanes)])
+        shares = sweep.lane_shares(pending, steps, estimator, args.lanes)
+        return run_lanes(args, argv, [[run.run_id for run in share] for share in shares])
     setup_device(args)
     corpus, tokens = load_corpus(args.device)
     env = environment(args.device)

@@ -349,6 +349,13 @@ def assign_lanes(seconds: list[float], lanes: int) -> list[int]:
     return lane_of
 
 
+def lane_shares(runs: list[SweepRun], steps: dict[WidthSpec, int], estimator: Estimator,
+                lanes: int) -> list[list[SweepRun]]:
+    """``runs`` split among ``lanes`` processes by :func:`assign_lanes` on their estimates, each in order."""
+    lane_of = assign_lanes([estimator.run_cost(run, steps[run.width], cached=False).total_s for run in runs], lanes)
+    return [[run for run, owner in zip(runs, lane_of) if owner == lane] for lane in range(lanes)]
+
+
 @dataclass(frozen=True)
 class DeviceCall:
     """The runs one device call takes: one list per lane (process), each in its running order."""
@@ -369,18 +376,16 @@ class DeviceCall:
 def simulate_calls(runs: list[SweepRun], steps: dict[WidthSpec, int], estimator: Estimator,
                    deadline_s: float, lanes: int = 1) -> list[DeviceCall]:
     """Pack ``runs`` into device calls the way the runner does: ``lanes`` processes each take their
-    share of what is left (:func:`assign_lanes`); in a lane, in order, a run starts only if its
+    share of what is left (:func:`lane_shares`); in a lane, in order, a run starts only if its
     estimate ends before ``deadline_s`` (a lane's first run always starts); each call has a cold
     compile cache. The estimates are used as they are: run times measured while lanes shared the
     GPU include the sharing, FLOP estimates do not."""
     pending, calls = list(runs), []
     while pending:
-        costs = [estimator.run_cost(run, steps[run.width], cached=False) for run in pending]
-        lane_of = assign_lanes([cost.total_s for cost in costs], lanes)
         taken_by_lane, left = [], set()
-        for lane in range(lanes):
+        for share in lane_shares(pending, steps, estimator, lanes):
             elapsed, compiled, taken = estimator.cost.startup_s, set(), []
-            for run in (run for run, owner in zip(pending, lane_of) if owner == lane):
+            for run in share:
                 cost = estimator.run_cost(run, steps[run.width], graph_key(run) in compiled)
                 if taken and elapsed + cost.total_s > deadline_s:
                     left.add(run.run_id)
