@@ -623,7 +623,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sweep_group.add_argument("--lanes", type=int, default=1,
                              help="run this many processes at once on the GPU, each its share of the runs "
                                   "(one process of the sweep's small models leaves a Hopper mostly idle)")
-    sweep_group.add_argument("--lane", default=None, help=argparse.SUPPRESS)  # "i/n": set for the lanes' processes
+    # set for the lanes' processes: "i/n", and the call's time stamp (one for all its record files)
+    sweep_group.add_argument("--lane", default=None, help=argparse.SUPPRESS)
+    sweep_group.add_argument("--stamp", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--arms", default=None, help="comma list of arms (default: the mode's own)")
     parser.add_argument("--seeds", default=None, help="sweep: only these seeds; --preset: first runs every arm")
     parser.add_argument("--seed-arms", default=f"{BASELINE},mxfp8-mxnorm-p2")
@@ -806,6 +808,10 @@ def estimator_for(args: argparse.Namespace, records: list[dict], settings: dict)
                                         batch_size=args.batch_size, seq_len=args.seq_len)
 
 
+def utc_stamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
 def run_sweep(args: argparse.Namespace, argv: list[str] | None, t_launch: float) -> list[dict]:
     args.records = args.records or [str(sweep.RECORDS_DIR)]
     args.out = args.out or str(sweep.RECORDS_DIR)
@@ -834,7 +840,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None, t_launch: float)
         compiled.add(sweep.graph_key(run))
         cost = estimator.run_cost(run, steps[run.width], cached)
         jobs.append(Job(RunSpec(run.arm, run.seed, run.lr, run.width.tag), settings[run.width], cost))
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = args.stamp or utc_stamp()
     lane_suffix = f"-lane{args.lane.replace('/', 'of')}" if args.lane else ""
     out_file = Path(args.out) / f"runs-{stamp}{lane_suffix}.jsonl"
     hard = args.hard_deadline_s if args.hard_deadline_s is not None else args.deadline_s + 60
@@ -868,12 +874,13 @@ def run_lanes(args: argparse.Namespace, argv: list[str] | None, lanes: list[list
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     before = set(sweep.record_files([out]))
-    procs = []
+    procs, stamp = [], utc_stamp()
     for i, run_ids in enumerate(lanes):
         if not run_ids:
             continue
         log = open(out / f"lane-{i}.log", "w")
-        command = [sys.executable, __file__, *child_argv, "--runs", ",".join(run_ids), "--lane", f"{i}/{len(lanes)}"]
+        command = [sys.executable, __file__, *child_argv, "--runs", ",".join(run_ids), "--lane", f"{i}/{len(lanes)}",
+                   "--stamp", stamp]
         procs.append((i, log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
         print(f"sweep: lane {i}: {len(run_ids)} runs, log {log.name}", flush=True)
     failed = []

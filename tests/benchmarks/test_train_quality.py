@@ -321,6 +321,7 @@ def test_lanes_run_their_shares_in_processes_of_their_own(tmp_path):
     assert sorted(r["run_id"] for r in results) == sorted(run_ids) and all(r["status"] == "ok" for r in results)
     files = sorted(records.glob("*.jsonl"))
     assert [f.name.split("-")[-1] for f in files] == ["lane0of2.jsonl", "lane1of2.jsonl"]
+    assert len({f.name.rsplit("-", 1)[0] for f in files}) == 1  # one time stamp for the call's files
     assert {r["env"]["gpu_shared_by_lanes"] for r in results} == {2}
     assert sorted(records.glob("lane-*.log")) and tq.main(argv) == []  # all recorded: nothing runs again
 
