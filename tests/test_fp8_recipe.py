@@ -351,6 +351,7 @@ def test_row_views_keep_the_transposed_cast_only_in_row_order():
     opt = mxrewrite.optimize(block, (x,), format="fp8", linears="all", progress=False)
     h = opt.norm(x)
     assert isinstance(h, NormCastTensor) and h.elems_t is not None
+    assert torch.equal(h.elems_t, h.elems.reshape(24, D).t().contiguous())
     assert h.reshape(24, D).elems_t is h.elems_t and h.unsqueeze(0).elems_t is h.elems_t
     assert h[:, 1:].elems_t is None and h.transpose(0, 1).elems_t is None
     with torch.no_grad():

@@ -48,6 +48,7 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from mxrewrite.ops.reference import normalize, rmsnorm_rho
+from mxrewrite.ops.transpose import transpose_bytes
 
 aten = torch.ops.aten
 
@@ -293,7 +294,7 @@ class _NormCast(torch.autograd.Function):
         elems, scales, rho, tensor_scale = torch.ops.mxrewrite.norm_cast(
             x, gain if s.gain_in_cast else None, eps, correction, s.fmt, s.norm, s.p, s.scale_mode, s.eps_in_root)
         ctx.save_for_backward(x, rho, gain)
-        elems_t = elems.reshape(-1, x.shape[-1]).t().contiguous() if transposed else None
+        elems_t = transpose_bytes(elems.reshape(-1, x.shape[-1])) if transposed else None
         return NormCastTensor(x, rho, elems, scales, tensor_scale, gain, eps, elems_t, settings, 1.0, x.dtype)
 
     @staticmethod

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from mxrewrite.formats.fp8 import fp8_quantize, fp8_quantize_with_transpose
+from mxrewrite.ops.transpose import transpose_bytes
 
 aten = torch.ops.aten
 E4M3 = torch.float8_e4m3fn
@@ -206,7 +207,7 @@ def weight_cast_transposed(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """``(data of W.T row-major, dequant_scale)``: the operand of ``G @ W``, written in one pass from ``W``, or
     the transpose of the gathered cast (the same bits: same scale)."""
     if isinstance(weight, Fp8Weight):
-        return weight.data8.t().contiguous(), weight.scale
+        return transpose_bytes(weight.data8), weight.scale
     _, data_t, scale = fp8_quantize_with_transpose(weight, E4M3)
     return data_t, scale
 

@@ -6,6 +6,7 @@
 * ``mx_linear(x, rho, data, scales, tensor_scale, weight, gamma, bias, fmt, scale_mode,
   gamma_in_cast, alpha, out_dtype, grad_cast) -> y``: the linear it feeds.
 * ``rms_norm_backward(grad, x, rho, gain=None) -> dx``: the straight-through norm gradient.
+* ``transpose_bytes(t) -> t.t().contiguous()`` of FP8 data: the layout the weight gradient's GEMM reads.
 * ``block_scaled_mm(a_data, a_scales, a_tensor_scale, a_elem, b_data, ..., fmt, out_dtype)``: the
   GEMM of two block-scaled operands, opaque to torch.compile (``matmul.mx_matmul`` calls it).
 
@@ -27,6 +28,7 @@ from mxrewrite.ops.norm_backward import rms_norm_backward
 from mxrewrite.ops.mxnorm_constants import gaussian_correction
 from mxrewrite.ops.norm_cast import norm_cast
 from mxrewrite.ops.reference import NORMS, norm_constant
+from mxrewrite.ops.transpose import transpose_bytes
 
 tag_compile_caches()
 
@@ -39,4 +41,4 @@ def typed_views(fmt: str | FormatSpec, data: torch.Tensor, scales: torch.Tensor)
 
 
 __all__ = ["GRAD_CASTS", "NORMS", "gaussian_correction", "mx_linear", "norm_cast", "norm_constant",
-           "rms_norm_backward", "typed_views"]
+           "rms_norm_backward", "transpose_bytes", "typed_views"]

@@ -48,3 +48,9 @@ def rms_norm_backward_triton(grad, x, rho, gain=None):
     from mxrewrite.ops.kernels.norm_backward import rms_norm_backward_triton as impl
 
     return impl(grad, x, rho, gain)
+
+
+def transpose_triton(t):
+    from mxrewrite.ops.kernels.transpose import transpose_triton as impl
+
+    return impl(t)
