@@ -651,9 +651,12 @@ def test_gpu_op_runs_the_kernel():
 @pytest.mark.parametrize("norm,p,eps_in_root", NORM_CASES, ids=NORM_IDS)
 @pytest.mark.parametrize("hidden", (4096, 5120, 14336))
 def test_gpu_fp8(hidden, norm, p, eps_in_root):
-    """FP8 (static per-tensor scale, hardware e4m3 conversion) on the GPU, bit for bit; the edge rows too."""
+    """FP8 (static per-tensor scale, hardware e4m3 conversion) on the GPU, bit for bit, without and with a gain
+    (the scale then set by the largest gain); the edge rows too."""
     for dtype in (torch.bfloat16, torch.float32):
         x = gaussian_rows((301, hidden), dtype, seed=hidden + 3, device="cuda")
         check_against_reference(x, None, fmt="fp8", norm=norm, p=p, eps_in_root=eps_in_root)
+        check_against_reference(x, gain(hidden, dtype, 5, "cuda"), fmt="fp8", norm=norm, p=p,
+                                eps_in_root=eps_in_root, gamma_offset=1.0)
     rows, names = edge_rows(64)
     check_each_edge_row(rows, names, 1e-6, "cuda", fmt="fp8", norm=norm, p=p, eps_in_root=eps_in_root)
