@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from mxrewrite.errors import LayoutError
 from mxrewrite.ops import kernels
 
 
 def check_transpose_arg(t: torch.Tensor) -> None:
     if t.dim() != 2 or t.element_size() != 1:
-        raise ValueError(f"transpose_bytes takes a 2-D tensor of one-byte elements (FP8 data or raw bytes), got "
+        raise LayoutError(f"transpose_bytes takes a 2-D tensor of one-byte elements (FP8 data or raw bytes), got "
                          f"{t.dtype} of shape {tuple(t.shape)}")
 
 

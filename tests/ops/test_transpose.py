@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mxrewrite.errors import LayoutError
 from mxrewrite.ops import transpose_bytes
 
 
@@ -18,7 +19,7 @@ def test_equals_the_contiguous_transpose(dtype):
 
 @pytest.mark.parametrize("t", (torch.zeros(4, 4), torch.zeros(2, 3, 4, dtype=torch.uint8)), ids=("float32", "3-D"))
 def test_rejects_other_tensors_with_a_clear_error(t):
-    with pytest.raises(ValueError, match="2-D tensor of one-byte elements"):
+    with pytest.raises(LayoutError, match="2-D tensor of one-byte elements"):
         transpose_bytes(t)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mxrewrite.errors import LayoutError
 from tests.helpers import generator
 from tests.ops.kernels.conftest import INTERPRETED, run_interpreter_tests
 
@@ -31,9 +32,9 @@ def test_kernel_under_triton_interpreter():
 
 
 def test_rejects_what_it_cannot_transpose():
-    with pytest.raises(ValueError, match="2-D tensor of one-byte elements"):
+    with pytest.raises(LayoutError, match="2-D tensor of one-byte elements"):
         transpose_triton(torch.zeros(4, 4, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="2-D tensor of one-byte elements"):
+    with pytest.raises(LayoutError, match="2-D tensor of one-byte elements"):
         transpose_triton(torch.zeros(2, 4, 4, dtype=torch.uint8))
 
 
