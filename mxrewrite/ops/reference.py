@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from mxrewrite.errors import ConfigError
+from mxrewrite.errors import ConfigError, LayoutError
 from mxrewrite.formats import get_format, mx_quantize, nvfp4_quantize
 from mxrewrite.formats.fp8 import saturating_cast, static_scale
 from mxrewrite.formats.mx import block_amax
@@ -39,6 +39,13 @@ from mxrewrite.ops.mxnorm_constants import POWERS, mxnorm_output_bound, rmsnorm_
 
 NORMS = ("mxnorm", "rmsnorm")
 Scalar = float | torch.Tensor  # a Python float or a 0-d float64 tensor
+
+
+def check_transpose_arg(t: torch.Tensor) -> None:
+    """``mxrewrite::transpose_bytes`` (and its kernel) take a 2-D tensor of one-byte elements."""
+    if t.dim() != 2 or t.element_size() != 1:
+        raise LayoutError(f"transpose_bytes takes a 2-D tensor of one-byte elements (FP8 data or raw bytes), got "
+                          f"{t.dtype} of shape {tuple(t.shape)}")
 
 
 def check_norm_args(norm: str, p: int) -> None:

@@ -12,22 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from mxrewrite.errors import LayoutError
 from mxrewrite.ops import kernels
-
-
-def check_transpose_arg(t: torch.Tensor) -> None:
-    if t.dim() != 2 or t.element_size() != 1:
-        raise LayoutError(f"transpose_bytes takes a 2-D tensor of one-byte elements (FP8 data or raw bytes), got "
-                         f"{t.dtype} of shape {tuple(t.shape)}")
+from mxrewrite.ops.reference import check_transpose_arg
 
 
 @torch.library.triton_op("mxrewrite::transpose_bytes", mutates_args=())
 def transpose_bytes(t: torch.Tensor) -> torch.Tensor:
     """The row-major ``[cols, rows]`` copy of the 2-D one-byte ``t``'s transpose."""
-    check_transpose_arg(t)
     if kernels.use_triton(t):
-        return kernels.transpose_triton(t)
+        return kernels.transpose_triton(t)  # checks t itself
+    check_transpose_arg(t)
     return t.t().contiguous()
 
 

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mxrewrite.errors import LayoutError
 from mxrewrite.ops.kernels.launch import launch
+from mxrewrite.ops.reference import check_transpose_arg
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,7 @@ def _transpose_kernel(src_ptr, dst_ptr, n_rows, n_cols, BLOCK: tl.constexpr):
 
 def transpose_triton(t: torch.Tensor, config: TransposeConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """``t.t().contiguous()`` of a 2-D ``t`` with one-byte elements (FP8 or raw bytes), by the tiled kernel."""
-    if t.dim() != 2 or t.element_size() != 1:
-        raise LayoutError(f"transpose_triton takes a 2-D tensor of one-byte elements, got {t.dtype} of shape "
-                         f"{tuple(t.shape)}")
+    check_transpose_arg(t)
     src = t.contiguous().view(torch.uint8)
     n_rows, n_cols = src.shape
     dst = src.new_empty((n_cols, n_rows))
