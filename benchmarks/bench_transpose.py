@@ -26,7 +26,6 @@ import os
 import torch
 from tabulate import tabulate
 
-import bench_norm_cast
 from bench_common import env_line, environment
 from bench_norm_cast import L2_BYTES, copy_bandwidth, time_us
 
@@ -57,7 +56,6 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_transpose.py times CUDA kernels: run it on a machine with a GPU")
-    bench_norm_cast.DEVICE = "cuda"
     env = environment()
     bandwidth = copy_bandwidth()
     print(f"{env_line(env, ('triton',))}; device-to-device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
