@@ -61,9 +61,10 @@ share of the runs: the models are too small to keep a Hopper busy from one proce
 (12.7M parameters: 101 ms a step alone on the H200, 175 ms with three lanes on an H100),
 so one call finished 12 runs with three lanes where it finished about 6 alone. The
 records say so (``env.gpu_shared_by_lanes``): their times are those of a shared GPU.
-After each call copy ``runs-*.jsonl`` from the returned files into
-``benchmarks/train_quality_runs/`` and commit it (calls on a machine still warm
-skip the runs of earlier calls through ``out/tq_done/`` anyway):
+After each call, and before the next, copy ``runs-*.jsonl`` from the returned files
+into ``benchmarks/train_quality_runs/`` and commit it: ``out/tq_done/`` skips the runs of
+earlier calls only while the same machine stays warm, and a call can land on a fresh
+one (which on 2026-12-05 ran ten finished runs again; the report counts such repeats):
 
     export PYTHONPATH=$PWD TORCHINDUCTOR_CACHE_DIR=$PWD/out/inductor-cache; mkdir -p out/tq_done; \\
     python3 benchmarks/train_quality.py --widths 256,512,1024,2048 --deadline-s 470 --lanes 3 \\

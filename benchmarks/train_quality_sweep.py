@@ -452,7 +452,9 @@ def plan_text(runs: list[SweepRun], pending: list[SweepRun], widths: list[WidthS
               f"the rest estimated from FLOPs with the assumed speeds of CostModel) in {len(calls)} device "
               f"call(s) of at most {deadline_s / 60:.0f} minutes' planned work{sharing}:", "",
               tabulate(rows, ["call", "runs", "est min", "widths", "first .. last run"], tablefmt="github"), "",
-              "Each call is the same command (finished runs are skipped):", "", f"    {command}"]
+              "Each call is the same command (finished runs are skipped); copy the returned runs-*.jsonl into "
+              "benchmarks/train_quality_runs/ before the next call (a fresh machine has no out/tq_done/):", "",
+              f"    {command}"]
     return "\n".join(lines)
 
 

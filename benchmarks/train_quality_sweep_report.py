@@ -60,9 +60,36 @@ def dedupe(records: list[dict]) -> list[dict]:
     return [record for _, record in best.values()]
 
 
+def repeats(records: list[dict]) -> dict[str, list[float]]:
+    """Held-out losses of the finished sweep runs recorded more than once (same run id: same seed, data order
+    and settings), in the order recorded. They differ only by the GPU's nondeterminism (atomics, autotuned
+    kernels), which training amplifies and the same-seed pairing does not remove."""
+    losses: dict[str, list[float]] = defaultdict(list)
+    for record in records:
+        if record.get("tag") and record.get("status") == "ok":
+            losses[record["run_id"]].append(record["final"]["heldout_loss"])
+    return {run_id: values for run_id, values in losses.items() if len(values) > 1}
+
+
+def repeat_sd(repeated: dict[str, list[float]]) -> float:
+    """One run's sd from repeats alone: the pooled within-run sample variance of the repeated runs."""
+    deviations = [(v - statistics.fmean(values)) ** 2 for values in repeated.values() for v in values]
+    dof = sum(len(values) - 1 for values in repeated.values())
+    return math.sqrt(sum(deviations) / dof) if dof else math.nan
+
+
 def sweep_records(records: list[dict]) -> list[dict]:
-    """The width sweep's records (those with a width tag)."""
-    return [r for r in dedupe(records) if r.get("tag")]
+    """The width sweep's records (those with a width tag), one per run; a run finished ok more than once
+    counts with the mean of its held-out losses (``repeats``)."""
+    repeated = repeats(records)
+    runs = []
+    for run in dedupe(records):
+        if run.get("tag") and run["run_id"] in repeated and run.get("status") == "ok":
+            losses = repeated[run["run_id"]]
+            run = {**run, "final": {**run["final"], "heldout_loss": statistics.fmean(losses)}, "repeats": len(losses)}
+        if run.get("tag"):
+            runs.append(run)
+    return runs
 
 
 def width_of(tag: str) -> int:
@@ -203,6 +230,17 @@ def heldout_rows(runs: list[dict]) -> list[list]:
         rows.append([tag, members[0].get("k") or "-", arm, f"{lr:g}", ",".join(str(r["seed"]) for r in ok) or "-",
                      _pm(mean, sd), f"{statistics.median(step_ms):.1f}" if step_ms else "-", bad])
     return rows
+
+
+def repeat_rows(repeated: dict[str, list[float]], gaps: list[Gap]) -> list[list]:
+    """Per width: how many runs were repeated, one run's sd from them, and the baseline's sd over seeds."""
+    by_tag: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for run_id, values in repeated.items():
+        by_tag[run_id.split("-")[0]][run_id] = values
+    seed_sd = {g.tag: g.ref_sd for g in gaps if g.ref == BASELINE}
+    return [[tag, len(runs), f"{repeat_sd(runs):.4f}",
+             "-" if math.isnan(seed_sd.get(tag, math.nan)) else f"{seed_sd[tag]:.4f}"]
+            for tag, runs in sorted(by_tag.items(), key=lambda kv: width_of(kv[0]))]
 
 
 def _pm(mean: float, sd: float, digits: int = 4) -> str:
@@ -360,7 +398,8 @@ def conclusions(gaps: list[Gap], lr: float) -> list[str]:
         unresolved = [g for g in group if g.within_noise is None]
 
         def ks(items: list[Gap]) -> str:
-            return ", ".join(f"K={g.k} ({g.mean:+.4f}, n={len(g.deltas)})" for g in items)
+            return ", ".join(f"K={g.k} ({g.mean:+.4f}" + ("" if math.isnan(g.ci) else f" ± {g.ci:.4f}")
+                             + f", n={len(g.deltas)})" for g in items)
 
         parts = []
         if within:
@@ -414,6 +453,18 @@ def sweep_markdown(records: list[dict], png_names: dict[str, str] | None = None)
         lines += ["## Does re-calibrating during training help?", "",
                   "The re-calibrated arm minus the arm calibrated once at initialisation (same seed):", "",
                   _table(gap_table(recal), GAP_HEADERS), ""]
+    repeated = repeats(records)
+    if repeated:
+        lines += ["## The same run twice", "",
+                  "Runs recorded more than once (same seed, data order and settings) differ by the GPU's "
+                  "run-to-run nondeterminism (atomics, autotuned kernels), which training amplifies and the "
+                  "same-seed pairing does not remove; the tables above take the mean of a run's records. "
+                  "Per width, one run's sd from the repeats alone against the baseline's sd over seeds:", "",
+                  _table(repeat_rows(repeated, gaps), ["width", "repeated runs", "sd of one run (repeats)",
+                                                       "baseline sd over seeds"]), "",
+                  _table([[run_id, ", ".join(f"{v:.4f}" for v in values), f"{max(values) - min(values):.4f}"]
+                          for run_id, values in sorted(repeated.items(), key=lambda kv: (width_of(kv[0]), kv[0]))],
+                         ["run", "held-out per record", "range"]), ""]
     calibration = calibration_rows(runs)
     if calibration:
         lines += ["## Calibrated constants", "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -299,9 +300,12 @@ def test_sweep_writes_records_skips_them_and_rebuilds_the_report(tmp_path):
     rest = tq.main(argv + ["--runs", "w64L1-mxfp8-rmsnorm-s0-lr0.001,w64L1-nvfp4-rmsnorm-s0-lr0.001"])
     assert [r["run_id"] for r in rest] == ["w64L1-nvfp4-rmsnorm-s0-lr0.001"]  # the recorded one is skipped
 
+    first["final"]["heldout_loss"] += 0.5  # the same run recorded again (another machine's nondeterminism)
+    (records / "repeat.jsonl").write_text(json.dumps(first) + "\n")
     tq_report.main([str(records)])
     md = (records / "REPORT.md").read_text()
     flat = " ".join(md.split())  # table cells without their padding
+    assert "## The same run twice" in md and "| w64L1 | 1 | 0.3536 |" in flat
     assert "## Paired gap: MXNorm against the exact RMSNorm in the same format" in md
     assert "| mxfp8-mxnorm-p2 | mxfp8-rmsnorm | 0.001 | w64L1 | 2 | 0,1 |" in flat
     assert "**mxfp8-mxnorm-p2** vs mxfp8-rmsnorm, lr 0.001:" in md and "w64L1-nvfp4-rmsnorm-s0" in md
@@ -344,6 +348,26 @@ def test_gap_verdicts_follow_the_interval():
     mean, sd, half = sweep_report.mean_ci([1.0, 2.0, 3.0])
     assert (mean, sd, half) == pytest.approx((2.0, 1.0, 4.303 / math.sqrt(3)))
 
+
+
+def test_a_run_recorded_twice_counts_with_its_mean_and_its_repeat_spread_is_reported():
+    def run(arm, seed, loss, date):
+        return {"run_id": f"w64L1-{arm}-s{seed}-lr0.001", "tag": "w64L1", "arm": arm, "seed": seed, "lr": 1e-3,
+                "k": 2, "status": "ok", "final": {"heldout_loss": loss}, "env": {"date": date}}
+
+    records = [run("mxfp8-rmsnorm", 0, 1.00, "a"), run("mxfp8-mxnorm-p2", 0, 1.10, "a"),
+               run("mxfp8-rmsnorm", 1, 1.02, "a"), run("mxfp8-mxnorm-p2", 1, 1.04, "a"),
+               run("mxfp8-mxnorm-p2", 0, 1.06, "b")]
+    repeated = sweep_report.repeats(records)
+    assert repeated == {"w64L1-mxfp8-mxnorm-p2-s0-lr0.001": [1.10, 1.06]}
+    assert sweep_report.repeat_sd(repeated) == pytest.approx(math.sqrt(2 * 0.02 ** 2))
+    runs = {r["run_id"]: r for r in sweep_report.sweep_records(records)}
+    assert runs["w64L1-mxfp8-mxnorm-p2-s0-lr0.001"]["final"]["heldout_loss"] == pytest.approx(1.08)
+    assert runs["w64L1-mxfp8-mxnorm-p2-s0-lr0.001"]["repeats"] == 2
+    gap = sweep_report.paired_gaps(list(runs.values()), sweep_report.MXNORM_PAIRS)[0]
+    assert gap.deltas == pytest.approx([0.08, 0.02])
+    rows = sweep_report.repeat_rows(repeated, [gap])
+    assert rows == [["w64L1", 1, f"{math.sqrt(0.0008):.4f}", f"{statistics.stdev([1.00, 1.02]):.4f}"]]
 
 # ---------------------------------------------------------------------------
 # one model (--preset), issue 5's mode
