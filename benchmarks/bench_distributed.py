@@ -48,7 +48,9 @@ Arms (``--arms``: comma-separated substrings of the names; bf16 always runs):
   arm does;
 * ``mxrewrite mxfp8 mxnorm``: ``optimize()`` as by default (MXFP8 MXNorm on the norm-fed linears).
 
-Results go to ``OUT_DIR/bench_distributed.json`` and a table ``bench_distributed_table.md``; the script
+Results go to ``OUT_DIR/bench_distributed.json`` and a table ``bench_distributed_table.md`` (with
+``--profile``, each arm's last step profiled on rank 0, by kernel category and largest kernels, in
+``bench_distributed_profile.md``); the script
 exits non-zero when an arm failed, did not train, or missed a stated tolerance.
 """
 
@@ -76,6 +78,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from bench_common import (  # noqa: E402
     LLAMA_PRESETS as PRESETS, allow_recompiles, arm_not_run, build_mxrewrite, converted_linears, env_line,
     environment, llama_for_causal_lm, select_arms, sync, torchao_float8)
+from bench_profile import profile_step  # noqa: E402
 
 TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
            "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
@@ -239,23 +242,30 @@ def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.d
 
     per_rank = ids.shape[0] // layout.dp
     local_ids = ids[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
-    losses, times = [], []
-    for i in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
+    def step() -> torch.Tensor:
         loss = model(input_ids=local_ids, labels=local_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         after_step()
-        loss = loss.detach().float()
+        return loss.detach().float()
+
+    losses, times, kernels = [], [], None
+    for i in range(args.steps):
+        sync(device)
+        start = time.perf_counter()
+        if args.profile and i == args.steps - 1:  # the last step, profiled and left out of the timing
+            kernels, loss = profiled(step)
+        else:
+            loss = step()
         sync(device)
         elapsed = time.perf_counter() - start
         if layout.world > 1:
             dist.all_reduce(loss)
             loss /= layout.world
         losses.append(loss.item())
-        times.append(elapsed)
+        if kernels is None:
+            times.append(elapsed)
         if i < args.warmup:
             log(f"warm-up step {i}: {elapsed:.2f} s, loss {losses[-1]:.4f}")
     timed = times[args.warmup:] or times
@@ -272,6 +282,7 @@ def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.d
         tokens_per_s=tokens / median_s, tokens_per_s_per_gpu=tokens / median_s / layout.world,
         peak_mem_gib_per_gpu=float(peak) if device.type == "cuda" else None,
         compiled_graphs=int(torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)),
+        profile=kernels,
     )
     result["trains"] = bool(all(map(math.isfinite, losses)) and losses[-1] < losses[0])
     params = full_parameters(model) if args.reference else None     # a collective: every rank gathers
@@ -281,6 +292,15 @@ def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.d
         f"{losses[0]:.4f} -> {losses[-1]:.4f}")
     del model, optimizer
     return dict(result=result, params=params, initial=initial)
+
+
+def profiled(step: Callable[[], torch.Tensor], top: int = 25) -> tuple[dict, torch.Tensor]:
+    """Run ``step`` under the profiler: this rank's device ms per kernel category and of its ``top`` kernels
+    (CPU: operators' self time), and the step's loss."""
+    out = {}
+    per_category, per_kernel = profile_step(lambda: out.setdefault("loss", step()))
+    return dict(per_category=per_category, top_kernels=per_kernel[:top],
+                total_ms=sum(ms for _, ms in per_kernel)), out["loss"]
 
 
 def fp8_gathered_weights(model: nn.Module) -> int:
@@ -359,6 +379,8 @@ def parse_args(argv=None):
     parser.add_argument("--param-rtol-per-rank-scales", type=float, default=0.5,
                         help="--param-rtol for an arm whose casts round differently per rank (torchao)")
     parser.add_argument("--arms", default="", help="comma-separated substrings of the arm names (bf16 always runs)")
+    parser.add_argument("--profile", action="store_true", help="profile each arm's last step (left out of the "
+                        "timing): rank 0's kernel categories and largest kernels go to bench_distributed_profile.md")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 64 tokens per sequence, 6 steps, "
                         "float32 compute, eager unless --compile says: checks the code paths on CPU (gloo)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -473,7 +495,26 @@ def _save(args, env: dict, desc: str, results: list[dict], complete: bool) -> st
                             "params vs 1 GPU (median / max drift)"],
                      tablefmt="github")
     (out / "bench_distributed_table.md").write_text(desc + "\n\n" + table + "\n")
+    profiles = [r for r in results if r.get("profile")]
+    if profiles:
+        (out / "bench_distributed_profile.md").write_text(profile_markdown(desc, profiles))
     return table
+
+
+def profile_markdown(desc: str, results: list[dict]) -> str:
+    """Per arm: rank 0's profiled step by kernel category, then its largest kernels."""
+    from tabulate import tabulate
+
+    unit = "device ms" if torch.cuda.is_available() else "CPU self ms"
+    lines = [desc, "", f"One profiled step per arm (the last), rank 0, {unit}.", ""]
+    categories = sorted({c for r in results for c in r["profile"]["per_category"]})
+    lines += [tabulate([[r["arm"], f"{r['profile']['total_ms']:.1f}"]
+                        + [f"{r['profile']['per_category'].get(c, 0.0):.1f}" for c in categories] for r in results],
+                       ["arm", "total"] + categories, tablefmt="github"), ""]
+    for r in results:
+        lines += [f"## {r['arm']}", "", tabulate([[name[:110], f"{ms:.2f}"] for name, ms in r["profile"]["top_kernels"]],
+                                                 ["kernel", "ms"], tablefmt="github"), ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -162,12 +162,17 @@ def test_bench_distributed_smoke(tmp_path, tp):
 def test_bench_distributed_compiled_layers(tmp_path):
     """The GPU run's stack on CPU: per-layer torch.compile (fullgraph) inside activation checkpointing under
     FSDP2, the FP8 recipe (weights gathered in bf16, and in FP8) against bf16; about 2 min of compiling."""
-    res = _bench_distributed(tmp_path, "--compile", "layers", "--arms", "mxrewrite fp8 rmsnorm,fp8-all-gather")
+    res = _bench_distributed(tmp_path, "--compile", "layers", "--arms", "mxrewrite fp8 rmsnorm,fp8-all-gather",
+                             "--profile")
     fp8_arms = ["mxrewrite fp8 rmsnorm", "mxrewrite fp8-all-gather rmsnorm"]
     assert list(res) == ["bf16", *fp8_arms]
     for r in res.values():
         assert r["status"] == "ok" and r["trains"] and r["reference"]["ok"], r
         assert r["compiled_graphs"] >= 1
+        # --profile: the last step profiled (CPU operators' self time), and left out of the timing
+        assert len(r["losses"]) == 6 and len(r["step_s"]) == 5
+        assert r["profile"]["total_ms"] > 0 and r["profile"]["top_kernels"]
+    assert "## mxrewrite fp8-all-gather rmsnorm" in (tmp_path / "bench_distributed_profile.md").read_text()
     for name in fp8_arms:
         assert res[name]["reference"]["param_max_rel_drift"] < 1e-3
 
