@@ -2,7 +2,8 @@
 
 The layer of bench_layer.py (same shapes, same construction), bf16 weights, ``--tokens`` tokens of a
 standard normal input and a standard normal output gradient (``--heavy-tails``: 8 input channels 30 times
-larger and a Student-t output gradient, the outliers trained models show), run eagerly (no compile: every arm runs
+larger and a Student-t output gradient, the outliers trained models show; ``--gains spread``: the norms' gains
+log-normal with 8 channels 10 times larger instead of ones), run eagerly (no compile: every arm runs
 its casts and GEMMs as written). Against the same layer in float32 on the same bf16 values it reports
 the relative L2 error of:
 
@@ -14,7 +15,9 @@ Arms: bf16; torchao float8 tensorwise, tensorwise with power-of-two scales (``ro
 rowwise (all 7 linears); mxrewrite ``format="fp8", linears="all"`` with exact RMSNorm and with MXNorm (its
 error includes MXNorm's estimate, which is not RMSNorm: compare it with the rmsnorm arm for the casts; and
 calibrated on the measured input, ``rescale="calibrated"``), and
-with exact RMSNorm and e4m3 gradients (``grad_cast="e4m3"``); for comparison the MXFP8 recipe on all 7 linears
+with exact RMSNorm and e4m3 gradients (``grad_cast="e4m3"``), and with the gain applied in the norm's cast
+instead of folded into the weights (what ``fsdp_fp8_all_gather`` does; its static scale is set by max|g|,
+so ``--gains spread`` is its test); for comparison the MXFP8 recipe on all 7 linears
 (blocks of 32 with power-of-two scales; e5m2 or e4m3 gradients);
 on a GPU also mxrewrite rmsnorm with the forward GEMMs accumulating exactly (no fast accumulation).
 On CPU the FP8 GEMMs are emulated exactly (dequantised operands, float32 products): the casts' error
@@ -50,12 +53,12 @@ def _torchao(recipe: str, **overrides):
     return lambda layer, example: torchao_float8(layer, recipe, overrides)
 
 
-def _mxrewrite(norm: str, grad_cast: str = "mx", fmt: str = "fp8", rescale: str = "gaussian"):
+def _mxrewrite(norm: str, grad_cast: str = "mx", fmt: str = "fp8", rescale: str = "gaussian", **options):
     def build(layer, example):
         import mxrewrite
 
         return mxrewrite.optimize(layer, (example,), format=fmt, norm=norm, linears="all", grad_cast=grad_cast,
-                                  rescale=rescale, progress=False)
+                                  rescale=rescale, progress=False, **options)
 
     return build
 
@@ -82,6 +85,8 @@ ARMS = [
     Arm("mxrewrite fp8 mxnorm", "mxrewrite-fp8", _mxrewrite("mxnorm")),
     Arm("mxrewrite fp8 mxnorm, calibrated", "mxrewrite-fp8", _mxrewrite("mxnorm", rescale="calibrated")),
     Arm("mxrewrite fp8 rmsnorm, e4m3 gradients", "mxrewrite-fp8", _mxrewrite("rmsnorm", "e4m3")),
+    # the norm casts x_hat * g with a static scale set by max|g| (outside FSDP2 the weights stay as they are)
+    Arm("mxrewrite fp8 rmsnorm, gain in cast", "mxrewrite-fp8", _mxrewrite("rmsnorm", fsdp_fp8_all_gather=True)),
     Arm("mxrewrite mxfp8 rmsnorm", "mxrewrite-mx", _mxrewrite("rmsnorm", fmt="mxfp8")),
     Arm("mxrewrite mxfp8 rmsnorm, e4m3 gradients", "mxrewrite-mx", _mxrewrite("rmsnorm", "e4m3", fmt="mxfp8")),
     Arm("mxrewrite fp8 rmsnorm, exact accumulation", "mxrewrite-fp8-exact", _mxrewrite("rmsnorm")),
@@ -111,6 +116,17 @@ def measure(arm: Arm, base: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, 
                 grad_w_err_mean=statistics.mean(weight_errs.values()), grad_w_err=weight_errs)
 
 
+@torch.no_grad()
+def spread_gains(layer: nn.Module, gen: torch.Generator) -> None:
+    """Norm gains as spread as trained models' (synthetic): log-normal, median 1, sigma 0.5, and 8 channels
+    (not the input's outlier channels) 10 times larger, which sets the static scale of a cast of x_hat * g."""
+    for norm in (layer.attention_norm, layer.ffn_norm):
+        dim = norm.weight.numel()
+        gains = torch.exp(0.5 * torch.randn(dim, generator=gen))
+        gains[dim // 16:: dim // 8] *= 10.0
+        norm.weight.copy_(gains)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1024)
@@ -119,6 +135,9 @@ def main() -> None:
     parser.add_argument("--heavy-tails", action="store_true",
                         help="outliers as trained models have them: 8 input channels x 30, and a Student-t (3 dof) "
                         "output gradient, instead of standard normal input and gradient")
+    parser.add_argument("--gains", choices=["ones", "spread"], default="ones",
+                        help="the two norms' gains: ones (as initialised), or spread as trained models' are: "
+                        "log-normal (median 1, sigma 0.5) with 8 channels 10 times larger")
     parser.add_argument("--smoke", action="store_true", help="tiny layer (d 256), 64 tokens, one seed")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -132,7 +151,10 @@ def main() -> None:
     results = []
     for seed in seeds:
         torch.manual_seed(seed)
-        base = Llama3Layer(**shape, max_seq=max(tokens, 128)).to(device=device, dtype=torch.bfloat16)
+        base = Llama3Layer(**shape, max_seq=max(tokens, 128))
+        if args.gains == "spread":
+            spread_gains(base, torch.Generator().manual_seed(seed + 2))
+        base = base.to(device=device, dtype=torch.bfloat16)
         gen = torch.Generator(device=device).manual_seed(seed + 1)
         x = torch.randn(1, tokens, shape["dim"], device=device, generator=gen)
         grad_out = torch.randn(1, tokens, shape["dim"], device=device, generator=gen)
@@ -164,6 +186,8 @@ def main() -> None:
         rows.append([arm.name] + [" / ".join(f"{r[key]:.5f}" for r in ok)
                                   for key in ("branch_err", "grad_x_err", "grad_w_err_mean")])
     data = "8 input channels x 30, Student-t(3) output gradient" if args.heavy_tails else "standard normal data"
+    if args.gains == "spread":
+        data += ", norm gains log-normal with 8 channels x 10"
     desc = (f"Llama-3-8B layer {shape}, {tokens} tokens, {data}, bf16, eager, relative L2 error against float32; "
             f"seeds {' / '.join(map(str, seeds))}")
     table = tabulate(rows, ["arm", "branch rel err", "input grad rel err", "weight grads rel err (mean of 7)"],
