@@ -155,10 +155,10 @@ def arms(mx_format: str) -> list[Arm]:
             build_mxrewrite(True, format="fp8", norm="mxnorm", linears="all")),
         Arm("mxrewrite fp8 rmsnorm e4m3 grads", "mxrewrite-fp8",
             build_mxrewrite(True, format="fp8", norm="rmsnorm", linears="all", grad_cast="e4m3")),
-        # the recipe FSDP2's FP8 all-gather needs (gain in the norm's cast, weights cast without it); no FSDP2
-        # here, so each linear casts its weight itself
-        Arm("mxrewrite fp8 rmsnorm gain in cast (fsdp_fp8_all_gather)", "mxrewrite-fp8",
-            build_mxrewrite(True, format="fp8", norm="rmsnorm", linears="all", fsdp_fp8_all_gather=True)),
+        # MXNorm folds its gain into the weights unless FSDP2 gathers them in FP8 (then the gain goes into the
+        # norm's cast, as the exact RMSNorm always does); no FSDP2 here, so each linear casts its weight itself
+        Arm("mxrewrite fp8 mxnorm gain in cast (fsdp_fp8_all_gather)", "mxrewrite-fp8",
+            build_mxrewrite(True, format="fp8", norm="mxnorm", linears="all", fsdp_fp8_all_gather=True)),
         Arm(f"{mx_format} rmsnorm+cast (inductor)", "mx", build_mxrewrite(False, format=mx_format, norm="rmsnorm"),
             "reference"),
         Arm(f"{mx_format} rmsnorm+cast (fused kernel)", "mx", build_mxrewrite(False, format=mx_format, norm="rmsnorm")),

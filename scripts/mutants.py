@@ -25,7 +25,7 @@ runs once on an unmutated copy (``baseline``): a test that already fails would
 
 Usage::
 
-    python scripts/mutants.py              # all 60 mutants: about 6 minutes on 2 CPU cores (-j 2)
+    python scripts/mutants.py              # all 61 mutants: about 6 minutes on 2 CPU cores (-j 2)
     python scripts/mutants.py --list       # the mutants, their files and tests
     python scripts/mutants.py -k e8m0 -k head   # a subset (substring of the name)
     python scripts/mutants.py --check      # only check that every snippet applies (no tests)
@@ -78,6 +78,8 @@ def ref(case: str) -> str:
 
 
 FP8_REF = ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-mx-False]",)
+# MXNorm folds its gain into the weights under format="fp8" (the exact RMSNorm casts x_hat * g itself)
+FP8_REF_FOLDED = ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[mxnorm-mx-False]",)
 LINEARS_ALL = ("tests/test_fp8_recipe.py::test_linears_all_converts_every_linear_but_head_and_router[fp8]",)
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -252,14 +254,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "if path.upcast or weight_upcast:", "if weight_upcast:",
            ("tests/passes/test_plan.py::test_explicit_float32_linear_is_kept",),
            "a linear the model computes in float32 on purpose is rewritten"),
+    Mutant("fp8-rmsnorm-gain-folded", "mxrewrite/passes/module_plan.py",
+           'gain_in_cast = config.fsdp_fp8_all_gather or config.norm == "rmsnorm"',
+           'gain_in_cast = config.fsdp_fp8_all_gather or (config.norm == "rmsnorm" and config.format != "fp8")',
+           FP8_REF, "format='fp8': the exact RMSNorm folds its gain into the weights (less accurate with spread gains)"),
     Mutant("fp8-gain-not-folded", "mxrewrite/modules/fp8_weight.py",
            "fp8_quantize(weight.float() * gain if gain is not None else weight, E4M3)",
            "fp8_quantize(weight, E4M3)",
-           FP8_REF,
-           "format='fp8': the norm's gain is not folded into the weight"),
+           FP8_REF_FOLDED,
+           "format='fp8': MXNorm's gain is not folded into the weight"),
     Mutant("fp8-weight-grad-misses-gain", "mxrewrite/modules/functions.py",
            "            grad_w = grad_w.float() * gain.float()\n", "            pass\n",
-           FP8_REF,
+           FP8_REF_FOLDED,
            "format='fp8': grad_W = G^T Q(xhat) without the gain's columns"),
     Mutant("fp8-gradients-e4m3", "mxrewrite/modules/functions.py",
            "fp8_quantize_with_transpose(grad, gradient_elem_dtype(grad_cast))",
@@ -314,7 +320,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "gain = h.gain.float() if h.gain is not None and not s.gain_in_cast else None",
            "gain = h.gain.float() if h.gain is not None else None",
            ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-mx-True]",),
-           "fsdp_fp8_all_gather: the norm applies its gain in the cast and the weights are multiplied by it too"),
+           "the exact RMSNorm (and fsdp_fp8_all_gather) applies its gain in the cast and the weights are multiplied by it too"),
     Mutant("fp8-all-gather-scale-of-the-shard", "mxrewrite/modules/fp8_weight.py",
            "            _all_reduce_max(amax, mesh)\n", "",
            ("tests/distributed/test_fsdp_tp.py::test_fsdp2_after_optimize[fsdp_torchtitan_llama_fp8_all_gather]",),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import mxrewrite
 from mxrewrite.errors import ConfigError
-from mxrewrite.modules import MXLinear
+from mxrewrite.modules import MXLinear, MXRMSNorm
 from tests.reference_model import E4M3, E5M2, GAUSSIAN_C, _StraightThroughNorm, round_to_grid
 
 D, N = 64, 96
@@ -97,7 +97,7 @@ class RefFp8Linear(torch.autograd.Function):
 def reference_forward(block: SwiGLUBlock, x: torch.Tensor, norm: str, grad_elem: tuple = E5M2,
                       gain_in_cast: bool = False) -> tuple[torch.Tensor, dict]:
     """``gain_in_cast``: the norm casts ``xhat * gain`` with its bound times ``max|gain|``, and the weights are
-    cast without the gain (``fsdp_fp8_all_gather``)."""
+    cast without the gain (exact RMSNorm; MXNorm under ``fsdp_fp8_all_gather``)."""
     params = {n: p.detach().double().requires_grad_() for n, p in block.named_parameters()}
     x = x.detach().double().requires_grad_()
     if norm == "mxnorm":
@@ -140,7 +140,9 @@ def test_fp8_recipe_matches_an_independent_reference(norm, grad_cast, all_gather
     y = opt(xin)
     grad = torch.randn_like(y)
     y.backward(grad)
-    ref_y, leaves = reference_forward(block, x, norm, E4M3 if grad_cast == "e4m3" else E5M2, all_gather)
+    gain_in_cast = all_gather or norm == "rmsnorm"
+    assert all(m.settings.gain_in_cast == gain_in_cast for m in opt.modules() if isinstance(m, MXRMSNorm))
+    ref_y, leaves = reference_forward(block, x, norm, E4M3 if grad_cast == "e4m3" else E5M2, gain_in_cast)
     ref_y.backward(grad.double())
 
     def rel(a, b):

@@ -2,7 +2,7 @@
 
 * :class:`Fp8CastLinear`: a linear fed by a rewritten norm's FP8 cast
   (``format="fp8"``). The norm-cast wrote ``Q(xhat)`` with a static scale ``s_x``;
-  the gain is folded into the weight before its dynamic per-tensor cast::
+  MXNorm's gain is folded into the weight before its dynamic per-tensor cast::
 
       y = alpha * (Q(xhat) s_x) @ (Q(W diag(g)) s_w)^T + b
 
@@ -11,8 +11,9 @@
   ``grad_h = G @ W`` (``W`` cast on its own, transposed to the layout the GEMM
   reads) and ``grad_W = alpha * (G^T @ Q(xhat)) diag(g)``: the forward's cast of
   ``xhat`` is reused, and the gain multiplies the columns of the product.
-  With ``fsdp_fp8_all_gather`` the norm casts ``xhat * g`` itself (``gain_in_cast``)
-  and ``W`` is cast alone, before FSDP2 gathers it (:mod:`~mxrewrite.modules.fp8_weight`):
+  The exact RMSNorm (and MXNorm with ``fsdp_fp8_all_gather``) casts ``xhat * g`` itself
+  (``gain_in_cast``) and ``W`` is cast alone, under ``fsdp_fp8_all_gather`` before FSDP2
+  gathers it (:mod:`~mxrewrite.modules.fp8_weight`):
   ``y = alpha * Q(xhat g) @ Q(W)^T + b``, ``grad_W = alpha * G^T @ Q(xhat g)``.
 * :class:`OwnCastLinear`: a linear whose input is a plain tensor, converted by
   ``linears="all"`` (attention output, MLP down): it casts its input itself, in
