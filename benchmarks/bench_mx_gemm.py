@@ -396,6 +396,7 @@ def run_fp8(tokens: int, linears, rep_ms: int, rounds: int, fast_accum: str) -> 
                 got = ours()
                 row["bit_equal"] = bool(torch.equal(got, ref))
                 row["max_abs_diff"] = (got.float() - ref.float()).abs().max().item()
+                row["max_rel_diff"] = row["max_abs_diff"] / max(ref.float().abs().max().item(), 1e-30)
                 del got
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]

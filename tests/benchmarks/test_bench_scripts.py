@@ -102,8 +102,13 @@ def test_bench_mx_gemm_smoke(tmp_path):
     res = json.loads((tmp_path / "fp8_gemm_results.json").read_text())
     assert len(res["rows"]) == 21
     assert all(r["scaled_mm_ms"] > 0 and r["bf16_ms"] > 0 for r in res["rows"])
-    if not res["fp8_matmul_missing"]:
+    if res["fp8_matmul_missing"]:
+        return
+    if not res["environment"]["device"].startswith("CPU"):  # fp8_mm is torch._scaled_mm there: the same bits
         assert all(r["bit_equal"] for r in res["rows"])
+    else:  # ours multiplies the dequantised operands in float32; torch's CPU _scaled_mm (oneDNN) may round
+        # differently (fast accumulation): at most one bf16 rounding step of the output's largest value apart
+        assert all(r["max_rel_diff"] <= 2 ** -7 for r in res["rows"]), [r["max_rel_diff"] for r in res["rows"]]
 
 
 @pytest.mark.slow
