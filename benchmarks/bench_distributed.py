@@ -298,7 +298,7 @@ def profiled(step: Callable[[], torch.Tensor], top: int = 25) -> tuple[dict, tor
     """Run ``step`` under the profiler: this rank's device ms per kernel category and of its ``top`` kernels
     (CPU: operators' self time), and the step's loss."""
     out = {}
-    per_category, per_kernel = profile_step(lambda: out.setdefault("loss", step()))
+    per_category, per_kernel = profile_step(lambda: out.update(loss=step()))
     return dict(per_category=per_category, top_kernels=per_kernel[:top],
                 total_ms=sum(ms for _, ms in per_kernel)), out["loss"]
 
@@ -512,8 +512,8 @@ def profile_markdown(desc: str, results: list[dict]) -> str:
                         + [f"{r['profile']['per_category'].get(c, 0.0):.1f}" for c in categories] for r in results],
                        ["arm", "total"] + categories, tablefmt="github"), ""]
     for r in results:
-        lines += [f"## {r['arm']}", "", tabulate([[name[:110], f"{ms:.2f}"] for name, ms in r["profile"]["top_kernels"]],
-                                                 ["kernel", "ms"], tablefmt="github"), ""]
+        kernels = [[name[:110], f"{ms:.2f}"] for name, ms in r["profile"]["top_kernels"]]
+        lines += [f"## {r['arm']}", "", tabulate(kernels, ["kernel", "ms"], tablefmt="github"), ""]
     return "\n".join(lines)
 
 

@@ -59,7 +59,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from bench_common import (  # noqa: E402
     arm_not_run, bench_ms, build_mxrewrite, env_line, environment, select_arms, torchao_float8)
 from bench_common import fp8_api_missing  # noqa: E402, F401 - bench_layer.fp8_api_missing (tests)
-from bench_profile import CATEGORIES, categorise, profile_step  # noqa: E402, F401 - categorise: tests
+from bench_profile import CATEGORIES, categorise, profile_step  # noqa: E402
 
 
 class Llama3Layer(nn.Module):

@@ -3,7 +3,7 @@
 The layer of bench_layer.py (same shapes, same construction), bf16 weights, ``--tokens`` tokens of a
 standard normal input and a standard normal output gradient (``--heavy-tails``: 8 input channels 30 times
 larger and a Student-t output gradient, the outliers trained models show; ``--gains spread``: the norms' gains
-log-normal with 8 channels 10 times larger instead of ones), run eagerly (no compile: every arm runs
+log-normal with 8 channels 10 times larger instead of ones, synthetic), run eagerly (no compile: every arm runs
 its casts and GEMMs as written). Against the same layer in float32 on the same bf16 values it reports
 the relative L2 error of:
 
@@ -17,7 +17,8 @@ error includes MXNorm's estimate, which is not RMSNorm: compare it with the rmsn
 calibrated on the measured input, ``rescale="calibrated"``), and
 with exact RMSNorm and e4m3 gradients (``grad_cast="e4m3"``), and MXNorm with the gain applied in the norm's
 cast instead of folded into the weights (what ``fsdp_fp8_all_gather`` makes it do, and the exact RMSNorm always
-does; its static scale is set by max|g|, so ``--gains spread`` is its test); for comparison the MXFP8 recipe on all 7 linears
+does; its static scale is set by max|g|, so ``--gains spread`` is its test); for comparison the MXFP8 recipe
+on all 7 linears
 (blocks of 32 with power-of-two scales; e5m2 or e4m3 gradients);
 on a GPU also mxrewrite rmsnorm with the forward GEMMs accumulating exactly (no fast accumulation).
 On CPU the FP8 GEMMs are emulated exactly (dequantised operands, float32 products): the casts' error
@@ -119,8 +120,8 @@ def measure(arm: Arm, base: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, 
 
 @torch.no_grad()
 def spread_gains(layer: nn.Module, gen: torch.Generator) -> None:
-    """Norm gains as spread as trained models' (synthetic): log-normal, median 1, sigma 0.5, and 8 channels
-    (not the input's outlier channels) 10 times larger, which sets the static scale of a cast of x_hat * g."""
+    """Spread-out norm gains (synthetic): log-normal, median 1, sigma 0.5, and 8 channels (not the input's
+    outlier channels) 10 times larger, which sets the static scale of a cast of x_hat * g."""
     for norm in (layer.attention_norm, layer.ffn_norm):
         dim = norm.weight.numel()
         gains = torch.exp(0.5 * torch.randn(dim, generator=gen))
@@ -137,7 +138,7 @@ def main() -> None:
                         help="outliers as trained models have them: 8 input channels x 30, and a Student-t (3 dof) "
                         "output gradient, instead of standard normal input and gradient")
     parser.add_argument("--gains", choices=["ones", "spread"], default="ones",
-                        help="the two norms' gains: ones (as initialised), or spread as trained models' are: "
+                        help="the two norms' gains: ones (as initialised), or spread out (synthetic): "
                         "log-normal (median 1, sigma 0.5) with 8 channels 10 times larger")
     parser.add_argument("--smoke", action="store_true", help="tiny layer (d 256), 64 tokens, one seed")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))

@@ -99,7 +99,7 @@ def _linear_module(gm: fx.GraphModule, model: nn.Module, lin: LinearConsumer) ->
 
 def _settings(site: SitePlan, config: RewriteConfig) -> CastSettings:
     # the exact RMSNorm applies its gain before its cast (FP8: faster, and more accurate with spread gains:
-    # benchmarks/results_fp8.md), as does MXNorm under FP8 when the weights are cast before FSDP2 gathers them;
+    # benchmarks/RESULTS.md), as does MXNorm under FP8 when the weights are cast before FSDP2 gathers them;
     # otherwise MXNorm's gain is folded into the weights (MXNORM.md)
     gain_in_cast = config.fsdp_fp8_all_gather or config.norm == "rmsnorm"
     return CastSettings(config.format, config.norm, config.p, config.scale_mode, site.match.eps_in_root,

@@ -50,7 +50,7 @@ def _import(name: str):
     ("Memset (Device)", "other"),
 ])
 def test_kernel_categories(name, category):
-    assert _import("bench_layer").categorise(name) == category
+    assert _import("bench_profile").categorise(name) == category
 
 
 def test_fp8_gemms_are_the_21_gemms_of_a_layer():
