@@ -255,11 +255,13 @@ def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.d
         sync(device)
         start = time.perf_counter()
         if args.profile and i == args.steps - 1:  # the last step, profiled and left out of the timing
-            kernels, loss = profiled(step)
+            kernels, loss = profiled(step, Path(args.out) / f"trace-{slug(arm.name)}.json.gz")
         else:
             loss = step()
         sync(device)
         elapsed = time.perf_counter() - start
+        if kernels is not None:
+            kernels["wall_ms"] = elapsed * 1e3
         if layout.world > 1:
             dist.all_reduce(loss)
             loss /= layout.world
@@ -294,13 +296,20 @@ def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.d
     return dict(result=result, params=params, initial=initial)
 
 
-def profiled(step: Callable[[], torch.Tensor], top: int = 25) -> tuple[dict, torch.Tensor]:
+def profiled(step: Callable[[], torch.Tensor], trace: Path, top: int = 25) -> tuple[dict, torch.Tensor]:
     """Run ``step`` under the profiler: this rank's device ms per kernel category and of its ``top`` kernels
-    (CPU: operators' self time), and the step's loss."""
+    (CPU: operators' self time), the host's ``top`` operators and regions by self time, and the step's loss.
+    Rank 0 also writes the step's Chrome trace to ``trace``."""
     out = {}
-    per_category, per_kernel = profile_step(lambda: out.update(loss=step()))
-    return dict(per_category=per_category, top_kernels=per_kernel[:top],
-                total_ms=sum(ms for _, ms in per_kernel)), out["loss"]
+    prof = profile_step(lambda: out.update(loss=step()), trace=str(trace) if dist.get_rank() == 0 else None,
+                        host=True)
+    return dict(per_category=prof.per_category, top_kernels=prof.kernels[:top], host=prof.host[:top],
+                total_ms=sum(ms for _, ms in prof.kernels)), out["loss"]
+
+
+def slug(name: str) -> str:
+    """A file-name form of an arm's name."""
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
 def fp8_gathered_weights(model: nn.Module) -> int:
@@ -394,6 +403,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         sys.exit("bench_distributed needs CUDA GPUs (or --smoke for the CPU check)")
@@ -508,12 +518,15 @@ def profile_markdown(desc: str, results: list[dict]) -> str:
     unit = "device ms" if torch.cuda.is_available() else "CPU self ms"
     lines = [desc, "", f"One profiled step per arm (the last), rank 0, {unit}.", ""]
     categories = sorted({c for r in results for c in r["profile"]["per_category"]})
-    lines += [tabulate([[r["arm"], f"{r['profile']['total_ms']:.1f}"]
+    lines += [tabulate([[r["arm"], f"{r['profile']['wall_ms']:.1f}", f"{r['profile']['total_ms']:.1f}"]
                         + [f"{r['profile']['per_category'].get(c, 0.0):.1f}" for c in categories] for r in results],
-                       ["arm", "total"] + categories, tablefmt="github"), ""]
+                       ["arm", "step wall", "kernels"] + categories, tablefmt="github"), ""]
     for r in results:
         kernels = [[name[:110], f"{ms:.2f}"] for name, ms in r["profile"]["top_kernels"]]
-        lines += [f"## {r['arm']}", "", tabulate(kernels, ["kernel", "ms"], tablefmt="github"), ""]
+        host = [[name[:110], f"{ms:.2f}"] for name, ms in r["profile"]["host"]]
+        lines += [f"## {r['arm']}", "", tabulate(kernels, ["kernel", "ms"], tablefmt="github"), "",
+                  "Host: operators and regions by self CPU time", "",
+                  tabulate(host, ["host", "self ms"], tablefmt="github"), ""]
     return "\n".join(lines)
 
 

@@ -201,7 +201,8 @@ def run_arm(arm: Arm, layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, ref
             torch.cuda.synchronize()
         compile_s = time.perf_counter() - t_start
         ms = bench_ms(step, args.warmup_ms, args.rep_ms)
-        per_cat, per_kernel = profile_step(step)
+        profiled = profile_step(step)
+        per_cat, per_kernel = profiled.per_category, profiled.kernels
     module.zero_grad(set_to_none=True)
     layer.zero_grad(set_to_none=True)
     err = rel_l2(out, reference)

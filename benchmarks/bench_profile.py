@@ -7,6 +7,8 @@ kernel after the ops it fuses; cuBLAS, CUTLASS, flash attention and our Triton k
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 
@@ -61,27 +63,51 @@ def categorise(name: str) -> str:
 CATEGORIES = ("norm+cast", "casts", "gemm", "attention", "other")
 
 
-def profile_step(step) -> tuple[dict[str, float], list[tuple[str, float]]]:
-    """Device time (ms) per category, and per kernel (largest first), of one step.
+@dataclass(frozen=True)
+class StepProfile:
+    """One profiled step: device ms per kernel category and per kernel (largest first), and the host's CPU
+    operators and labelled regions (FSDP2's hooks, autograd) by self ms, largest first (empty unless asked)."""
 
-    On CPU (``--smoke``) the same is done with the operators' self CPU time, only to exercise the path."""
+    per_category: dict[str, float]
+    kernels: list[tuple[str, float]]
+    host: list[tuple[str, float]] = field(default_factory=list)
+
+
+def profile_step(step, trace: str | None = None, host: bool = False) -> StepProfile:
+    """Profile one call of ``step``. ``trace``: also write its Chrome trace there (``.json.gz``: compressed).
+    ``host``: also time the host side, for a step whose kernels add up to less than its wall clock.
+
+    On CPU (``--smoke``) the kernels are the operators' self CPU time, only to exercise the path."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CUDA] if cuda else []
+    if host or not cuda:
+        activities.append(ProfilerActivity.CPU)
+    with profile(activities=activities) as prof:
         step()
         if cuda:
             torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
     per_kernel: dict[str, float] = {}
+    per_host: dict[str, float] = {}
     for evt in prof.events():
-        if cuda and evt.device_type == torch.autograd.DeviceType.CUDA:
-            ms = evt.device_time / 1e3
-        elif not cuda and evt.device_type == torch.autograd.DeviceType.CPU:
+        if evt.device_type == torch.autograd.DeviceType.CPU:
+            per_host[evt.name] = per_host.get(evt.name, 0.0) + evt.self_cpu_time_total / 1e3
+            if cuda:
+                continue
             ms = evt.self_cpu_time_total / 1e3
+        elif evt.device_type == torch.autograd.DeviceType.CUDA:
+            ms = evt.device_time / 1e3
         else:
             continue
         per_kernel[evt.name] = per_kernel.get(evt.name, 0.0) + ms
     per_cat: dict[str, float] = {}
     for name, ms in per_kernel.items():
         per_cat[categorise(name)] = per_cat.get(categorise(name), 0.0) + ms
-    return per_cat, sorted(per_kernel.items(), key=lambda kv: -kv[1])
+    return StepProfile(per_cat, _largest_first(per_kernel), _largest_first(per_host) if host else [])
+
+
+def _largest_first(ms: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(ms.items(), key=lambda kv: -kv[1])

@@ -322,13 +322,17 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-mx-True]",),
            "the exact RMSNorm (and fsdp_fp8_all_gather) applies its gain in the cast, and to the weights too"),
     Mutant("fp8-all-gather-scale-of-the-shard", "mxrewrite/modules/fp8_weight.py",
-           "            _all_reduce_max(amax, mesh)\n", "",
+           "        _all_reduce_max(amax, mesh)\n", "",
            ("tests/distributed/test_fsdp_tp.py::test_fsdp2_after_optimize[fsdp_torchtitan_llama_fp8_all_gather]",),
            "fsdp_fp8_all_gather: each rank casts its shard with its own scale, and reads the others' with it"),
     Mutant("fp8-precomputed-scale-never-stale", "mxrewrite/modules/fp8_weight.py",
            "return tensor is not None and tensor._version == version", "return tensor is not None",
            ("tests/modules/test_fp8_weight.py::test_a_precomputed_scale_is_used_only_while_the_weight_is_unchanged",),
            "precompute_fp8_scales: a scale computed before an optimizer step is used after it (stale; values clip)"),
+    Mutant("fp8-precomputed-scale-of-the-shard", "mxrewrite/modules/fp8_weight.py",
+           "    _all_reduce_max(amax, weights[0].device_mesh)\n", "",
+           ("tests/distributed/test_fsdp_tp.py::test_fsdp2_after_optimize[fsdp_torchtitan_llama_fp8_all_gather_precomputed]",),
+           "precompute_fp8_scales: each rank's scales from its own shards (the ranks cast with different scales)"),
 )
 
 

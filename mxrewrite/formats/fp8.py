@@ -52,12 +52,18 @@ def saturating_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.clamp(min=-limit, max=limit).to(dtype)
 
 
+def fp8_cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """``saturate(t * scale)`` in ``dtype``, the product in float32: the cast of :func:`fp8_quantize` with its
+    (quantisation) ``scale`` already known."""
+    return saturating_cast(t.to(torch.float32) * scale, dtype)
+
+
 def fp8_quantize(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, amax: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-tensor cast: ``(data, dequant_scale)`` with ``t ~= data * dequant_scale``. ``amax``: the
     largest magnitude the scale is for, when ``t`` is part of a larger tensor (a shard); default ``t``'s own."""
     scale = amax_to_scale(t.abs().amax() if amax is None else amax, dtype)
-    return saturating_cast(t.to(torch.float32) * scale, dtype), scale.reciprocal()
+    return fp8_cast(t, scale, dtype), scale.reciprocal()
 
 
 def fp8_quantize_with_transpose(t: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
@@ -68,7 +74,7 @@ def fp8_quantize_with_transpose(t: torch.Tensor, dtype: torch.dtype = torch.floa
     (the GEMMs of a backward read an operand along either dim; casting then transposing the float8 copy
     takes a second pass)."""
     scale = amax_to_scale(t.abs().amax(), dtype)
-    data = saturating_cast(t.to(torch.float32) * scale, dtype)
+    data = fp8_cast(t, scale, dtype)
     data_t = saturating_cast(t.t().to(torch.float32) * scale, dtype).contiguous()
     return data, data_t, scale.reciprocal()
 

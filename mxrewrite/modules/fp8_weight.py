@@ -15,10 +15,11 @@ half the unsharded weight's memory (torchao's float8 all-gather, for our recipe)
   :class:`Fp8Weight`, which the linears' autograd functions read as it is
   (:func:`weight_cast`, :func:`weight_cast_transposed`).
 * :func:`precompute_fp8_scales` (after ``optimizer.step()``): the scales of every
-  such weight in one all-reduce instead of one per weight and gather (torchao's
-  ``precompute_float8_dynamic_scale_for_fsdp``). A precomputed scale is used only
-  while the parameter is unchanged since (its version counter), so forgetting the
-  call costs the per-weight all-reduces, never a stale scale.
+  such weight from one fused amax and one all-reduce instead of one per weight and
+  gather (torchao's ``precompute_float8_dynamic_scale_for_fsdp``); each gather then
+  only casts. A precomputed scale is used only while the parameter is unchanged
+  since (its version counter), so forgetting the call costs the per-weight
+  all-reduces, never a stale scale.
 
 Outside FSDP2 an ``Fp8AllGatherWeight`` is its high-precision tensor: every op
 runs on it unwrapped (those FSDP2 uses to shard, pad and copy keep the wrapper),
@@ -30,6 +31,7 @@ the norm multiplies by its gain before its own cast instead, as TransformerEngin
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -38,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from mxrewrite.formats.fp8 import fp8_quantize, fp8_quantize_with_transpose
+from mxrewrite.formats.fp8 import amax_to_scale, fp8_cast, fp8_quantize, fp8_quantize_with_transpose
 from mxrewrite.ops.transpose import transpose_bytes
 
 aten = torch.ops.aten
@@ -70,8 +72,8 @@ class Fp8AllGatherWeight(torch.Tensor):
 
     def __init__(self, tensor: torch.Tensor):
         self._tensor = tensor
-        # (the parameter it was computed for, that parameter's version then, the amax): see precompute_fp8_scales
-        self._precomputed: tuple[weakref.ref, int, torch.Tensor] | None = None
+        # (the parameter they were computed for, its version then, the scale, its reciprocal): precompute_fp8_scales
+        self._precomputed: tuple[weakref.ref, int, torch.Tensor, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         return f"Fp8AllGatherWeight({self._tensor!r})"
@@ -98,13 +100,14 @@ class Fp8AllGatherWeight(torch.Tensor):
     def fsdp_pre_all_gather(self, mesh):
         """This rank's shard cast with the scale of the whole weight: precomputed, or its amax all-reduced over
         ``mesh`` now."""
-        if self._precomputed is not None and _unchanged(*self._precomputed[:2]):
-            amax = self._precomputed[2]
-        else:
-            amax = self._local_amax()
-            _all_reduce_max(amax, mesh)
-        data, scale = fp8_quantize(self._tensor, E4M3, amax)
-        return (data,), (scale,)
+        precomputed = self._precomputed
+        if precomputed is not None and _unchanged(*precomputed[:2]):
+            scale, dequant_scale = precomputed[2:]
+            return (fp8_cast(self._tensor, scale, E4M3),), (dequant_scale,)
+        amax = self._local_amax()
+        _all_reduce_max(amax, mesh)
+        data, dequant_scale = fp8_quantize(self._tensor, E4M3, amax)
+        return (data,), (dequant_scale,)
 
     def fsdp_post_all_gather(self, all_gather_outputs: tuple[torch.Tensor, ...], metadata: Any,
                              param_dtype: torch.dtype, *, out: torch.Tensor | None = None):
@@ -147,10 +150,14 @@ def precompute_fp8_scales(model: nn.Module) -> int:
         raise ValueError("precompute_fp8_scales needs every FP8-gathered weight on one FSDP2 mesh; found "
                          f"{len(meshes)} meshes")
     locals_ = [w._local_tensor for w in weights]
-    amax = torch.stack([local._local_amax() for local in locals_])
+    amax = torch.zeros(len(locals_), device=locals_[0].device)
+    held = [i for i, local in enumerate(locals_) if local._tensor.numel()]  # (a rank may hold no rows of one)
+    if held:  # the largest magnitude of each shard, in one fused kernel
+        amax[held] = torch.stack(torch._foreach_norm([locals_[i]._tensor for i in held], ord=math.inf)).float()
     _all_reduce_max(amax, weights[0].device_mesh)
-    for weight, local, weight_amax in zip(weights, locals_, amax.unbind()):
-        local._precomputed = (weakref.ref(weight), weight._version, weight_amax)
+    scales = amax_to_scale(amax, E4M3)
+    for weight, local, scale, dequant_scale in zip(weights, locals_, scales.unbind(), scales.reciprocal().unbind()):
+        local._precomputed = (weakref.ref(weight), weight._version, scale, dequant_scale)
     return len(weights)
 
 

@@ -177,7 +177,10 @@ def test_bench_distributed_compiled_layers(tmp_path):
         # --profile: the last step profiled (CPU operators' self time), and left out of the timing
         assert len(r["losses"]) == 6 and len(r["step_s"]) == 5
         assert r["profile"]["total_ms"] > 0 and r["profile"]["top_kernels"]
+        assert r["profile"]["wall_ms"] > 0
+        assert any(name.startswith("FSDP::") for name, _ in r["profile"]["host"]), r["profile"]["host"]
     assert "## mxrewrite fp8-all-gather rmsnorm" in (tmp_path / "bench_distributed_profile.md").read_text()
+    assert (tmp_path / "trace-mxrewrite-fp8-all-gather-rmsnorm.json.gz").stat().st_size > 0
     for name in fp8_arms:
         assert res[name]["reference"]["param_max_rel_drift"] < 1e-3
 

@@ -305,12 +305,14 @@ def _run_scenario(scenario: Scenario, rank: int) -> dict:
     if scenario.meta_init:
         _materialize(model, scenario)
     precomputed = mxrewrite.precompute_fp8_scales(model) if scenario.precompute_scales else 0
+    wrong_scales = _wrong_precomputed_scales(model) if scenario.precompute_scales else None
     placements = _placements(model)
     if scenario.split_batch:
         tokens = tokens.chunk(WORLD)[rank]
     result = _step(model, tokens, WORLD, counter, runner)
     result["placements"] = placements
     result["precomputed_scales"] = precomputed
+    result["wrong_precomputed_scales"] = wrong_scales
     if scenario.precompute_scales:  # the optimizer step changed every weight: no precomputed scale may be used again
         from mxrewrite.modules.fp8_weight import _unchanged
 
@@ -319,6 +321,26 @@ def _run_scenario(scenario: Scenario, rank: int) -> dict:
     if scenario.parallel == "tp":
         result["plain_input_error"] = _plain_input_error(model, tokens)
     return result
+
+
+def _wrong_precomputed_scales(model: nn.Module) -> list[str]:
+    """The FP8-gathered weights whose precomputed (scale, dequant scale) differ from the dynamic cast's of the
+    whole weight: its amax from each shard's, all-reduced here weight by weight."""
+    from mxrewrite.formats.fp8 import fp8_quantize
+
+    wrong = []
+    for name, param in model.named_parameters():
+        local = getattr(param, "_local_tensor", None)
+        if getattr(local, "_precomputed", None) is None:
+            continue
+        shard = local._tensor
+        amax = shard.abs().amax().float() if shard.numel() else torch.zeros(())
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+        _, dequant = fp8_quantize(torch.zeros(1), amax=amax)
+        scale, got_dequant = local._precomputed[2:]
+        if not (torch.equal(got_dequant, dequant) and torch.equal(scale, dequant.reciprocal())):
+            wrong.append(name)
+    return wrong
 
 
 def _plain_input_error(model: nn.Module, tokens: torch.Tensor) -> str | None:
@@ -509,6 +531,7 @@ def test_fsdp2_after_optimize(name, runs):
         assert got["gemm_weights"] == {"Fp8Weight": n_gemms}
         if SCENARIOS[name].precompute_scales:  # one all-reduce before the step, none in it
             assert got["precomputed_scales"] == n_gemms and got["scale_all_reduces"] == 0
+            assert got["wrong_precomputed_scales"] == []  # each the scale of the whole weight
             assert got["precomputed_stale_after_step"] == [True] * n_gemms
         else:  # one per gather
             assert got["precomputed_scales"] == 0 and got["scale_all_reduces"] == 2 * n_gemms

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -167,10 +168,31 @@ def test_verify_compares_the_gradients_of_the_new_weight_parameters():
 def test_a_precomputed_scale_is_used_only_while_the_weight_is_unchanged():
     """(``precompute_fp8_scales`` itself, on 2 FSDP2 ranks: tests/distributed/test_fsdp_tp.py.)"""
     weight = Fp8AllGatherWeight(torch.randn(16, 64))
-    weight._precomputed = (weakref.ref(weight), weight._version, torch.tensor(1792.0))  # 448 * 4: scale 4
+    weight._precomputed = (weakref.ref(weight), weight._version, torch.tensor(0.25), torch.tensor(4.0))
     (_,), (scale,) = weight.fsdp_pre_all_gather(ONE_RANK)
     assert scale.item() == 4.0
     with torch.no_grad():
         weight.mul_(1.5)  # an optimizer step, a checkpoint load...
     (_,), (scale,) = weight.fsdp_pre_all_gather(ONE_RANK)
     assert torch.equal(scale, fp8_quantize(weight._tensor)[1]) and scale.item() != 4.0
+
+
+def test_precompute_covers_a_weight_this_rank_holds_no_rows_of():
+    """``precompute_fp8_scales`` on a one-rank gloo group: each weight's scale is its whole tensor's, and an
+    empty shard (a weight of fewer rows than ranks) gets the scale of an all-zero tensor, not an error."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        shards = [torch.randn(8, 32) * 3, torch.empty(0, 32)]
+        params = nn.ParameterList(nn.Parameter(DTensor.from_local(Fp8AllGatherWeight(s), mesh, [Shard(0)]))
+                                  for s in shards)
+        assert mxrewrite.precompute_fp8_scales(params) == 2
+        for param, amax in zip(params, [shards[0].abs().amax(), torch.tensor(0.0)]):
+            *_, scale, dequant = param._local_tensor._precomputed
+            assert torch.equal(dequant, fp8_quantize(torch.zeros(1), amax=amax)[1])
+            assert torch.equal(scale * dequant, torch.tensor(1.0))
+    finally:
+        dist.destroy_process_group()
