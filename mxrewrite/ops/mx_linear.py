@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from mxrewrite.errors import ConfigError
 from mxrewrite.formats import get_format
 from mxrewrite.formats.constants import MXFP8_BLOCK_SIZE
+from mxrewrite.ops import kernels
 from mxrewrite.ops.matmul import BlockScaledMatrix, mx_matmul, quantize_matrix
 from mxrewrite.ops.norm_backward import rms_norm_backward
 from mxrewrite.ops.reference import normalize
@@ -53,7 +54,7 @@ def gemm_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype if t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-@torch.library.triton_op("mxrewrite::mx_linear", mutates_args=())
+@kernels.triton_op("mxrewrite::mx_linear", mutates_args=())
 def mx_linear(
     x: torch.Tensor,
     rho: torch.Tensor,

@@ -15,7 +15,7 @@ from mxrewrite.ops import kernels
 from mxrewrite.ops.reference import rms_norm_backward_reference
 
 
-@torch.library.triton_op("mxrewrite::rms_norm_backward", mutates_args=())
+@kernels.triton_op("mxrewrite::rms_norm_backward", mutates_args=())
 def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, rho: torch.Tensor,
                       gain: torch.Tensor | None = None) -> torch.Tensor:
     """``dx`` in ``x.dtype``; ``grad`` has ``x``'s shape, ``rho`` has ``x.shape[:-1]``, ``gain`` (optional,

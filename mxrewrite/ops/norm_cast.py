@@ -47,7 +47,7 @@ def check_norm_cast_args(x: torch.Tensor, gamma: torch.Tensor | None, eps: torch
                              f"{x.shape[-1]}; pass the norm's weight of shape ({x.shape[-1]},)")
 
 
-@torch.library.triton_op("mxrewrite::norm_cast", mutates_args=())
+@kernels.triton_op("mxrewrite::norm_cast", mutates_args=())
 def norm_cast(
     x: torch.Tensor,
     gamma: torch.Tensor | None,

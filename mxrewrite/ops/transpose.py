@@ -16,7 +16,7 @@ from mxrewrite.ops import kernels
 from mxrewrite.ops.reference import check_transpose_arg
 
 
-@torch.library.triton_op("mxrewrite::transpose_bytes", mutates_args=())
+@kernels.triton_op("mxrewrite::transpose_bytes", mutates_args=())
 def transpose_bytes(t: torch.Tensor) -> torch.Tensor:
     """The row-major ``[cols, rows]`` copy of the 2-D one-byte ``t``'s transpose."""
     if kernels.use_triton(t):

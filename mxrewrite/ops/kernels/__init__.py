@@ -14,6 +14,7 @@ when comparing the two.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -26,6 +27,32 @@ def triton_importable() -> bool:
     except ImportError:
         return False
     return True
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def triton_op(name: str, mutates_args: tuple[str, ...] = ()):
+    """``torch.library.triton_op(name, mutates_args=...)``. Where Triton is not installed (a CPU install, whose
+    ops run their PyTorch reference) torch logs "Triton not available" for each op it registers: nothing a
+    user could act on, so that line is dropped while ours register."""
+    def register(fn):
+        if triton_importable():
+            return torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+        torch_logger = logging.getLogger("torch._library.triton")
+        quiet = _DropMessage("Triton not available")
+        torch_logger.addFilter(quiet)
+        try:
+            return torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+        finally:
+            torch_logger.removeFilter(quiet)
+    return register
 
 
 def available() -> bool:
