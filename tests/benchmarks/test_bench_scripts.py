@@ -144,7 +144,7 @@ def test_bench_distributed_smoke(tmp_path, tp):
     res = _bench_distributed(tmp_path, "--tp", str(tp))
     mx_arms = ["mxrewrite fp8 rmsnorm", "mxrewrite fp8 mxnorm", "mxrewrite fp8-all-gather rmsnorm",
                "mxrewrite mxfp8 mxnorm"]
-    for name in ["bf16", *mx_arms]:
+    for name in ["bf16", "torchao float8 tensorwise", *mx_arms]:
         r = res[name]
         assert r["status"] == "ok", r["status"]
         assert (r["world"], r["dp"], r["tp"]) == (2, 2 // tp, tp)
@@ -157,6 +157,9 @@ def test_bench_distributed_smoke(tmp_path, tp):
         assert res[name]["losses"][1:] != res["bf16"]["losses"][1:]
     assert [res[n]["converted_linears"] for n in mx_arms] == [14, 14, 14, 10]
     assert [res[n]["fp8_gathered_weights"] for n in mx_arms] == [0, 0, 14, 0]
+    torchao = res["torchao float8 tensorwise"]  # (its GEMMs emulated on CPU, its casts and FP8 all-gather real)
+    assert torchao["converted_linears"] == torchao["fp8_gathered_weights"] == 14
+    assert torchao["losses"][1:] != res["bf16"]["losses"][1:]
     assert res["bf16"]["converted_linears"] == 0
     # float32 compute: the split batch or the split linears change only the order of the sums
     assert res["bf16"]["reference"]["loss_max_rel_diff"] < 1e-5
