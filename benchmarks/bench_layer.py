@@ -127,7 +127,8 @@ def kernels_env(value: str | None):
 
 def build_torchao(recipe: str) -> Callable[[nn.Module, torch.Tensor], nn.Module]:
     def build(layer, x):
-        return torchao_float8(copy.deepcopy(layer), recipe)  # converts in place: a copy, same weights
+        # (a copy: it converts in place; on CPU, --smoke, torchao's emulated GEMMs: torch._scaled_mm takes seconds)
+        return torchao_float8(copy.deepcopy(layer), recipe, {"emulate": x.device.type == "cpu"})
 
     return build
 
