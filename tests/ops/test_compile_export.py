@@ -118,13 +118,14 @@ def test_compiled_backward_keeps_the_mx_gemms_opaque():
     """AOTAutograd traces mx_linear, forward and backward: its MX GEMMs must appear as the opaque
     ``block_scaled_mm`` op, never as traced kernel launches (Triton kernels cannot take fake tensors),
     while the casts around them are plain torch ops for Inductor to fuse."""
+    from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
 
     graphs = []
 
     def record(gm, example_inputs):
         graphs.append(gm)
-        return gm
+        return make_boxed_func(gm.forward)
 
     def backend(gm, example_inputs):
         return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
