@@ -169,8 +169,8 @@ def test_a_precomputed_scale_is_used_only_while_the_weight_is_unchanged():
     """(``precompute_fp8_scales`` itself, on 2 FSDP2 ranks: tests/distributed/test_fsdp_tp.py.)"""
     weight = Fp8AllGatherWeight(torch.randn(16, 64))
     weight._precomputed = (weakref.ref(weight), weight._version, torch.tensor(0.25), torch.tensor(4.0))
-    (_,), (scale,) = weight.fsdp_pre_all_gather(ONE_RANK)
-    assert scale.item() == 4.0
+    (data,), (scale,) = weight.fsdp_pre_all_gather(ONE_RANK)
+    assert scale.item() == 4.0 and torch.equal(data.float(), (weight._tensor / 4).to(torch.float8_e4m3fn).float())
     with torch.no_grad():
         weight.mul_(1.5)  # an optimizer step, a checkpoint load...
     (_,), (scale,) = weight.fsdp_pre_all_gather(ONE_RANK)
