@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from mxrewrite.errors import ConfigError
 from mxrewrite.formats.fp8 import amax_to_scale, fp8_cast, fp8_quantize, fp8_quantize_with_transpose
 from mxrewrite.ops.transpose import transpose_bytes
 
@@ -147,13 +148,16 @@ def precompute_fp8_scales(model: nn.Module) -> int:
         return 0
     meshes = {id(w.device_mesh) for w in weights}
     if len(meshes) > 1:
-        raise ValueError("precompute_fp8_scales needs every FP8-gathered weight on one FSDP2 mesh; found "
-                         f"{len(meshes)} meshes")
+        raise ConfigError(f"precompute_fp8_scales needs every FP8-gathered weight on one FSDP2 mesh; found "
+                          f"{len(meshes)}: shard them over one mesh, or leave the call out (each gather then "
+                          f"all-reduces its own scale)")
     locals_ = [w._local_tensor for w in weights]
-    amax = torch.zeros(len(locals_), device=locals_[0].device)
-    held = [i for i, local in enumerate(locals_) if local._tensor.numel()]  # (a rank may hold no rows of one)
-    if held:  # the largest magnitude of each shard, in one fused kernel
-        amax[held] = torch.stack(torch._foreach_norm([locals_[i]._tensor for i in held], ord=math.inf)).float()
+    # the largest magnitude of each shard in one fused kernel; a rank may hold no rows of a weight (amax 0)
+    shards = [local._tensor for local in locals_]
+    held = [s for s in shards if s.numel()]
+    norms = iter(torch._foreach_norm(held, ord=math.inf) if held else [])
+    none = torch.zeros((), device=locals_[0].device)
+    amax = torch.stack([next(norms) if s.numel() else none for s in shards]).float()
     _all_reduce_max(amax, weights[0].device_mesh)
     scales = amax_to_scale(amax, E4M3)
     for weight, local, scale, dequant_scale in zip(weights, locals_, scales.unbind(), scales.reciprocal().unbind()):

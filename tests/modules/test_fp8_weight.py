@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mxrewrite
+from mxrewrite.errors import ConfigError
 from mxrewrite.formats.fp8 import fp8_quantize
 from mxrewrite.modules import MXLinear
 from mxrewrite.modules.fp8_weight import Fp8AllGatherWeight, Fp8Weight
@@ -179,7 +180,8 @@ def test_a_precomputed_scale_is_used_only_while_the_weight_is_unchanged():
 
 def test_precompute_covers_a_weight_this_rank_holds_no_rows_of():
     """``precompute_fp8_scales`` on a one-rank gloo group: each weight's scale is its whole tensor's, and an
-    empty shard (a weight of fewer rows than ranks) gets the scale of an all-zero tensor, not an error."""
+    empty shard (a weight of fewer rows than ranks) gets the scale of an all-zero tensor, not an error; weights
+    on two meshes get an error that says what to do."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
@@ -194,5 +196,9 @@ def test_precompute_covers_a_weight_this_rank_holds_no_rows_of():
             *_, scale, dequant = param._local_tensor._precomputed
             assert torch.equal(dequant, fp8_quantize(torch.zeros(1), amax=amax)[1])
             assert torch.equal(scale * dequant, torch.tensor(1.0))
+        other_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("a", "b"))["b"]
+        params.append(nn.Parameter(DTensor.from_local(Fp8AllGatherWeight(shards[0]), other_mesh, [Shard(0)])))
+        with pytest.raises(ConfigError, match="one FSDP2 mesh; found 2"):
+            mxrewrite.precompute_fp8_scales(params)
     finally:
         dist.destroy_process_group()
