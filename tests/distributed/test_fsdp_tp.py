@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import socket
 import time
 import traceback
 from collections import Counter
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 
 import mxrewrite
 from tests import zoo
+from tests.distributed.spawn import free_port, join_ranks
 from tests.helpers import MXCallCounter
 
 pytestmark = [
@@ -380,12 +380,6 @@ def _worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------
 # the spawned run and the references
 
@@ -396,22 +390,6 @@ def _reference(scenario: Scenario) -> dict:
     return _step(model, tokens, 1, MXCallCounter(model))
 
 
-def _join(context, deadline: float) -> str | None:
-    """Wait for the ranks; the reason they failed, or None."""
-    try:
-        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                return f"the ranks did not finish within {TIMEOUT_S} s"
-    except Exception as exc:  # a rank raised (ProcessRaisedException) or died
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-    return None
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Callable[[str], dict], Callable[[str], dict]]:
     """Every scenario run once on 2 spawned ranks, and the single-process references, computed by this process
@@ -420,7 +398,7 @@ def runs(tmp_path_factory) -> tuple[Callable[[str], dict], Callable[[str], dict]
     import torch.multiprocessing as mp
 
     out_dir = str(tmp_path_factory.mktemp("fsdp_tp"))
-    context = mp.start_processes(_worker, args=(_free_port(), out_dir, list(SCENARIOS)), nprocs=WORLD,
+    context = mp.start_processes(_worker, args=(free_port(), out_dir, list(SCENARIOS)), nprocs=WORLD,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     references: dict[tuple[str, str], dict | BaseException] = {}
@@ -433,7 +411,7 @@ def runs(tmp_path_factory) -> tuple[Callable[[str], dict], Callable[[str], dict]
                 except Exception as exc:  # reported by the tests that need it
                     references[key] = exc
     finally:
-        failure = _join(context, deadline)
+        failure = join_ranks(context, deadline)
 
     def result(name: str) -> dict:
         path = os.path.join(out_dir, f"{name}.pt")
