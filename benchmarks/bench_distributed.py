@@ -50,7 +50,8 @@ Arms (``--arms``: comma-separated substrings of the names; bf16 always runs):
 
 Results go to ``OUT_DIR/bench_distributed.json`` and a table ``bench_distributed_table.md`` (with
 ``--profile``, each arm's last step profiled on rank 0, by kernel category and largest kernels, in
-``bench_distributed_profile.md``); the script
+``bench_distributed_profile.md``, and its Chrome trace, ``trace-<arm>.json.gz``, which
+``benchmarks/trace_diff.py`` compares between two arms without a GPU); the script
 exits non-zero when an arm failed, did not train, or missed a stated tolerance.
 """
 

@@ -7,6 +7,7 @@ the kernel categories and the list of FP8 GEMMs directly, and each script's ``--
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -202,3 +203,30 @@ def test_fp8_error_smoke(tmp_path):
     # FP8 casts cost accuracy that bf16 does not lose, in every measured quantity
     for key in ("branch_err", "grad_x_err", "grad_w_err_mean"):
         assert res["bf16"][key] < ours[key] < 0.2
+
+
+def _trace(path: Path, kernels: list[tuple[str, int, float, float]], host: list[tuple[str, float, float]]) -> str:
+    """A Chrome trace as torch.profiler writes it: kernels ``(name, stream, ts, dur)``, host ops ``(name, ts, dur)``."""
+    events = [{"ph": "X", "cat": "kernel", "name": n, "ts": ts, "dur": dur, "args": {"stream": s}}
+              for n, s, ts, dur in kernels]
+    events += [{"ph": "X", "cat": "cpu_op", "name": n, "ts": ts, "dur": dur} for n, ts, dur in host]
+    events.append({"ph": "i", "name": "marker", "ts": 0})
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    return str(path)
+
+
+def test_trace_diff_finds_the_gap_and_the_extra_kernels(tmp_path):
+    trace_diff = _import("trace_diff")
+    base = _trace(tmp_path / "a.json.gz", [("gemm", 7, 0, 100), ("gemm", 7, 100, 100), ("copy", 20, 0, 30)], [])
+    slow = _trace(tmp_path / "b.json.gz",
+                  [("gemm", 7, 0, 100), ("gemm", 7, 400, 100), ("cast", 20, 50, 80), ("cast", 20, 90, 80)],
+                  [("FSDP::pre_forward", 90, 400), ("aten::clamp", 95, 10), ("aten::to", 150, 50)])
+    a, b = trace_diff.load(base), trace_diff.load(slow)
+    assert b.compute_stream == 7 and trace_diff.busy_us(b.streams[20]) == 120  # (overlapping casts: 50..170)
+    assert trace_diff.gaps(b.streams[7], 50) == [(100, 300)]
+    assert trace_diff.host_at(b, 160) == "FSDP::pre_forward > aten::to" and trace_diff.host_at(b, 600) == "-"
+    text = trace_diff.report(a, b, ("a", "b"))
+    assert "| 0.30 | FSDP::pre_forward > aten::clamp" in text          # the gap, and what the host was doing
+    assert text.index("| cast ") < text.index("| copy ")             # the largest difference first
+    assert "+0.16" in text                                             # two 80 µs casts more
