@@ -141,7 +141,11 @@ def main(argv=None) -> None:
     parser.add_argument("--top", type=int, default=20, help="rows per table")
     parser.add_argument("--min-gap-us", type=float, default=50.0, help="shortest idle interval counted")
     args = parser.parse_args(argv)
-    print(report(load(args.a), load(args.b), (Path(args.a).name, Path(args.b).name), args.top, args.min_gap_us))
+    a, b = load(args.a), load(args.b)
+    if not (a.streams and b.streams):
+        raise SystemExit("a trace without GPU kernels: compare the traces of a GPU run (bench_distributed.py "
+                         "--profile on CUDA; on CPU it profiles operators only)")
+    print(report(a, b, (Path(args.a).name, Path(args.b).name), args.top, args.min_gap_us))
 
 
 if __name__ == "__main__":

@@ -230,3 +230,6 @@ def test_trace_diff_finds_the_gap_and_the_extra_kernels(tmp_path):
     assert "| 0.30 | FSDP::pre_forward > aten::clamp" in text          # the gap, and what the host was doing
     assert text.index("| cast ") < text.index("| copy ")             # the largest difference first
     assert "+0.16" in text                                             # two 80 µs casts more
+    host_only = _trace(tmp_path / "cpu.json.gz", [], [("aten::mm", 0, 10)])  # what a CPU run writes
+    with pytest.raises(SystemExit, match="without GPU kernels"):
+        trace_diff.main([host_only, slow])
