@@ -111,8 +111,9 @@ def report(a: Trace, b: Trace, names: tuple[str, str], top: int = 20, min_gap_us
         step = (max(s.end for s in spans) - min(s.start for s in spans)) / 1e3 if spans else 0.0
         compute = t.streams[t.compute_stream] if t.streams else []
         idle = sum(length for _, length in gaps(compute, min_gap_us)) / 1e3
-        rows.append([label, f"{step:.2f}", f"{busy_us(compute) / 1e3:.2f}", f"{idle:.2f}",
-                     "; ".join(f"{s}: {busy_us(ss) / 1e3:.2f} ms, {len(ss)} kernels" for s, ss in sorted(t.streams.items()))])
+        per_stream = "; ".join(f"{s}: {busy_us(ss) / 1e3:.2f} ms, {len(ss)} kernels"
+                               for s, ss in sorted(t.streams.items()))
+        rows.append([label, f"{step:.2f}", f"{busy_us(compute) / 1e3:.2f}", f"{idle:.2f}", per_stream])
     lines += [tabulate(rows, ["trace", "step ms (first kernel to last)", "compute stream busy ms",
                               f"its gaps >= {min_gap_us:.0f} µs, ms", "each stream: busy, kernels"],
                        tablefmt="github", disable_numparse=True), ""]
