@@ -25,7 +25,7 @@ runs once on an unmutated copy (``baseline``): a test that already fails would
 
 Usage::
 
-    python scripts/mutants.py              # all 61 mutants: about 6 minutes on 2 CPU cores (-j 2)
+    python scripts/mutants.py              # all 63 mutants: about 6 minutes on 2 CPU cores (-j 2)
     python scripts/mutants.py --list       # the mutants, their files and tests
     python scripts/mutants.py -k e8m0 -k head   # a subset (substring of the name)
     python scripts/mutants.py --check      # only check that every snippet applies (no tests)

@@ -75,7 +75,7 @@ def fp8_quantize_with_transpose(t: torch.Tensor, dtype: torch.dtype = torch.floa
     takes a second pass)."""
     scale = amax_to_scale(t.abs().amax(), dtype)
     data = fp8_cast(t, scale, dtype)
-    data_t = saturating_cast(t.t().to(torch.float32) * scale, dtype).contiguous()
+    data_t = fp8_cast(t.t(), scale, dtype).contiguous()
     return data, data_t, scale.reciprocal()
 
 
