@@ -10,7 +10,8 @@ half the unsharded weight's memory (torchao's float8 all-gather, for our recipe)
 * ``fsdp_pre_all_gather``: the shard's ``amax``, all-reduced (max) over the
   mesh, gives the scale the whole weight would get (``formats.fp8.fp8_quantize``:
   same power of two), and the shard is cast with it, so the gathered FP8 weight
-  is bit for bit the cast of the full weight.
+  is bit for bit the cast of the full weight. The cast is one kernel on CUDA
+  (``mxrewrite::fp8_cast``): it runs eagerly, outside the compiled layers.
 * ``fsdp_post_all_gather``: wraps the gathered bytes and the scale as an
   :class:`Fp8Weight`, which the linears' autograd functions read as it is
   (:func:`weight_cast`, :func:`weight_cast_transposed`).
@@ -41,7 +42,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from mxrewrite.errors import ConfigError
-from mxrewrite.formats.fp8 import amax_to_scale, fp8_cast, fp8_quantize, fp8_quantize_with_transpose
+from mxrewrite.formats.fp8 import amax_to_scale, fp8_quantize, fp8_quantize_with_transpose
+from mxrewrite.ops.fp8_cast import fp8_cast
 from mxrewrite.ops.transpose import transpose_bytes
 
 aten = torch.ops.aten
@@ -104,11 +106,12 @@ class Fp8AllGatherWeight(torch.Tensor):
         precomputed = self._precomputed
         if precomputed is not None and _unchanged(*precomputed[:2]):
             scale, dequant_scale = precomputed[2:]
-            return (fp8_cast(self._tensor, scale, E4M3),), (dequant_scale,)
-        amax = self._local_amax()
-        _all_reduce_max(amax, mesh)
-        data, dequant_scale = fp8_quantize(self._tensor, E4M3, amax)
-        return (data,), (dequant_scale,)
+        else:
+            amax = self._local_amax()
+            _all_reduce_max(amax, mesh)
+            scale = amax_to_scale(amax, E4M3)
+            dequant_scale = scale.reciprocal()
+        return (fp8_cast(self._tensor, scale),), (dequant_scale,)
 
     def fsdp_post_all_gather(self, all_gather_outputs: tuple[torch.Tensor, ...], metadata: Any,
                              param_dtype: torch.dtype, *, out: torch.Tensor | None = None):

@@ -7,6 +7,7 @@
   gamma_in_cast, alpha, out_dtype, grad_cast) -> y``: the linear it feeds.
 * ``rms_norm_backward(grad, x, rho, gain=None) -> dx``: the straight-through norm gradient.
 * ``transpose_bytes(t) -> t.t().contiguous()`` of FP8 data: the layout the weight gradient's GEMM reads.
+* ``fp8_cast(t, scale) -> saturate(t * scale)`` in float8_e4m3fn, one pass: FSDP2's FP8 all-gather casts.
 * ``block_scaled_mm(a_data, a_scales, a_tensor_scale, a_elem, b_data, ..., fmt, out_dtype)``: the
   GEMM of two block-scaled operands, opaque to torch.compile (``matmul.mx_matmul`` calls it).
 
@@ -23,6 +24,7 @@ import torch
 
 from mxrewrite.formats import FormatSpec, get_format
 from mxrewrite.ops.compile_cache import tag_compile_caches
+from mxrewrite.ops.fp8_cast import fp8_cast
 from mxrewrite.ops.mx_linear import GRAD_CASTS, mx_linear
 from mxrewrite.ops.norm_backward import rms_norm_backward
 from mxrewrite.ops.mxnorm_constants import gaussian_correction
@@ -40,5 +42,5 @@ def typed_views(fmt: str | FormatSpec, data: torch.Tensor, scales: torch.Tensor)
     return data.view(elem), scales.view(spec.scale_dtype)
 
 
-__all__ = ["GRAD_CASTS", "NORMS", "gaussian_correction", "mx_linear", "norm_cast", "norm_constant",
+__all__ = ["GRAD_CASTS", "NORMS", "fp8_cast", "gaussian_correction", "mx_linear", "norm_cast", "norm_constant",
            "rms_norm_backward", "transpose_bytes", "typed_views"]

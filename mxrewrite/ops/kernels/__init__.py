@@ -70,3 +70,9 @@ def transpose_triton(t):
     from mxrewrite.ops.kernels.transpose import transpose_triton as impl
 
     return impl(t)
+
+
+def fp8_cast_triton(t, scale):
+    from mxrewrite.ops.kernels.fp8_cast import fp8_cast_triton as impl
+
+    return impl(t, scale)
