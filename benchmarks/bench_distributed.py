@@ -244,12 +244,14 @@ def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.d
 
     per_rank = ids.shape[0] // layout.dp
     local_ids = ids[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
+    precomputed = []  # how many FP8-gathered weights got a precomputed scale after each step
+
     def step() -> torch.Tensor:
         loss = model(input_ids=local_ids, labels=local_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        after_step()
+        precomputed.append(after_step())
         return loss.detach().float()
 
     losses, times, kernels = [], [], None
@@ -281,7 +283,8 @@ def train_arm(arm: Arm, layout: Layout, ids: torch.Tensor, args, device: torch.d
     tokens = ids.numel()
     result = dict(
         arm=arm.name, kind=arm.kind, status="ok", world=layout.world, dp=layout.dp, tp=layout.tp,
-        converted_linears=converted, fp8_gathered_weights=gathered_in_fp8, held_fraction=held, build_s=build_s,
+        converted_linears=converted, fp8_gathered_weights=gathered_in_fp8, precomputed_scales=precomputed[-1],
+        held_fraction=held, build_s=build_s,
         losses=losses, step_s=times, median_step_s=median_s,
         tokens_per_s=tokens / median_s, tokens_per_s_per_gpu=tokens / median_s / layout.world,
         peak_mem_gib_per_gpu=float(peak) if device.type == "cuda" else None,
@@ -320,9 +323,10 @@ def fp8_gathered_weights(model: nn.Module) -> int:
     return sum(hasattr(getattr(p, "_local_tensor", p), "fsdp_pre_all_gather") for p in model.parameters())
 
 
-def _after_step(model: nn.Module, arm: Arm) -> Callable[[], None]:
+def _after_step(model: nn.Module, arm: Arm) -> Callable[[], int | None]:
     """What runs after each optimizer step: the FP8-gathered weights' scales in one all-reduce (torchao's and
-    mxrewrite's recommended FSDP2 setup; nothing for weights gathered in high precision)."""
+    mxrewrite's recommended FSDP2 setup; nothing for weights gathered in high precision). It returns how many
+    weights got a scale (mxrewrite's count; None for torchao, which does not say)."""
     if arm.kind == "torchao":
         from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 

@@ -25,7 +25,7 @@ runs once on an unmutated copy (``baseline``): a test that already fails would
 
 Usage::
 
-    python scripts/mutants.py              # all 63 mutants: about 6 minutes on 2 CPU cores (-j 2)
+    python scripts/mutants.py              # all 65 mutants: about 6 minutes on 2 CPU cores (-j 2)
     python scripts/mutants.py --list       # the mutants, their files and tests
     python scripts/mutants.py -k e8m0 -k head   # a subset (substring of the name)
     python scripts/mutants.py --check      # only check that every snippet applies (no tests)
@@ -330,13 +330,21 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/modules/test_fp8_weight.py::test_a_precomputed_scale_is_used_only_while_the_weight_is_unchanged",),
            "precompute_fp8_scales: a scale computed before an optimizer step is used after it (stale; values clip)"),
     Mutant("fp8-precomputed-cast-with-the-dequant-scale", "mxrewrite/modules/fp8_weight.py",
-           "fp8_cast(self._tensor, scale, E4M3)", "fp8_cast(self._tensor, dequant_scale, E4M3)",
+           "fp8_cast(self._tensor, scale)", "fp8_cast(self._tensor, dequant_scale)",
            ("tests/modules/test_fp8_weight.py::test_a_precomputed_scale_is_used_only_while_the_weight_is_unchanged",),
            "precompute_fp8_scales: a gather multiplies by the reciprocal of the scale it sends along"),
     Mutant("fp8-precomputed-scale-of-the-shard", "mxrewrite/modules/fp8_weight.py",
-           "    _all_reduce_max(amax, weights[0].device_mesh)\n", "",
+           "\n    _all_reduce_max(amax, mesh)\n", "\n",
            ("tests/distributed/test_fsdp_tp.py::test_fsdp2_after_optimize[fsdp_torchtitan_llama_fp8_all_gather_precomputed]",),
            "precompute_fp8_scales: each rank's scales from its own shards (the ranks cast with different scales)"),
+    Mutant("fp8-precomputed-over-the-parameter-mesh", "mxrewrite/modules/fp8_weight.py",
+           "mesh = p.device_mesh if p.device_mesh.ndim == 1 else p._local_tensor._gather_mesh", "mesh = p.device_mesh",
+           ("tests/distributed/test_fsdp_tp.py::test_fsdp2_with_tensor_parallel_after_optimize",),
+           "precompute_fp8_scales under FSDP2 + TP: the amax all-reduced over the TP ranks too (not the gather's)"),
+    Mutant("fp8-precomputed-scale-copied", "mxrewrite/modules/fp8_weight.py",
+           "        self._precomputed = self._gather_mesh = None\n", "        pass\n",
+           ("tests/modules/test_fp8_weight.py::test_precompute_covers_a_weight_this_rank_holds_no_rows_of",),
+           "a deep copy of an FP8-gathered weight keeps its original's precomputed scale (and version check)"),
 )
 
 

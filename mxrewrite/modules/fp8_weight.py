@@ -16,9 +16,9 @@ half the unsharded weight's memory (torchao's float8 all-gather, for our recipe)
   :class:`Fp8Weight`, which the linears' autograd functions read as it is
   (:func:`weight_cast`, :func:`weight_cast_transposed`).
 * :func:`precompute_fp8_scales` (after ``optimizer.step()``): the scales of every
-  such weight from one fused amax and one all-reduce instead of one per weight and
-  gather (torchao's ``precompute_float8_dynamic_scale_for_fsdp``); each gather then
-  only casts. A precomputed scale is used only while the parameter is unchanged
+  such weight from one fused amax and one all-reduce (per FSDP2 mesh) instead of one
+  per weight and gather (torchao's ``precompute_float8_dynamic_scale_for_fsdp``);
+  each gather then only casts. A precomputed scale is used only while the parameter is unchanged
   since (its version counter), so forgetting the call costs the per-weight
   all-reduces, never a stale scale.
 
@@ -41,7 +41,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from mxrewrite.errors import ConfigError
 from mxrewrite.formats.fp8 import amax_to_scale, fp8_quantize, fp8_quantize_with_transpose
 from mxrewrite.ops.fp8_cast import fp8_cast
 from mxrewrite.ops.transpose import transpose_bytes
@@ -77,6 +76,12 @@ class Fp8AllGatherWeight(torch.Tensor):
         self._tensor = tensor
         # (the parameter they were computed for, its version then, the scale, its reciprocal): precompute_fp8_scales
         self._precomputed: tuple[weakref.ref, int, torch.Tensor, torch.Tensor] | None = None
+        self._gather_mesh = None  # the mesh FSDP2 last gathered this shard over
+
+    def _clear_non_serializable_cached_data(self):
+        # torch calls this before a deepcopy or a pickle copies __dict__: a copy must not use the scale of its
+        # original (the weakref would keep checking the original's version), nor pickle a process group
+        self._precomputed = self._gather_mesh = None
 
     def __repr__(self) -> str:
         return f"Fp8AllGatherWeight({self._tensor!r})"
@@ -103,6 +108,7 @@ class Fp8AllGatherWeight(torch.Tensor):
     def fsdp_pre_all_gather(self, mesh):
         """This rank's shard cast with the scale of the whole weight: precomputed, or its amax all-reduced over
         ``mesh`` now."""
+        self._gather_mesh = mesh
         precomputed = self._precomputed
         if precomputed is not None and _unchanged(*precomputed[:2]):
             scale, dequant_scale = precomputed[2:]
@@ -137,23 +143,28 @@ def _all_reduce_max(t: torch.Tensor, mesh) -> None:
 
 @torch.no_grad()
 def precompute_fp8_scales(model: nn.Module) -> int:
-    """Compute the FP8 scale of every weight FSDP2 gathers in FP8 (``fsdp_fp8_all_gather``) with one all-reduce;
-    call it after each ``optimizer.step()``. Returns how many weights got one.
+    """Compute the FP8 scale of every weight FSDP2 gathers in FP8 (``fsdp_fp8_all_gather``) with one all-reduce
+    per mesh; call it after each ``optimizer.step()``. Returns how many weights got one.
 
-    Weights sharded by FSDP2 alone (a 1-D mesh, the same for all) are covered; with tensor parallelism as well
-    each gather keeps all-reducing its own amax. A weight changed after this call (the parameter's version
-    counter moved) ignores its precomputed scale."""
+    Each scale is the one the gather would compute: its amax all-reduced over the mesh FSDP2 gathers over. For
+    a weight sharded by FSDP2 alone (a 1-D mesh) that is the parameter's mesh, known from the start; for one
+    on a 2-D mesh (HSDP, FSDP2 + tensor parallelism) it is FSDP2's part of it, known from the weight's first
+    gather on (a weight not gathered yet all-reduces its own amax). A weight changed after this call (the
+    parameter's version counter moved) ignores its precomputed scale."""
     from torch.distributed.tensor import DTensor
 
-    weights = [p for p in model.parameters()
-               if isinstance(p, DTensor) and isinstance(p._local_tensor, Fp8AllGatherWeight) and p.device_mesh.ndim == 1]
-    if not weights:
-        return 0
-    meshes = {id(w.device_mesh) for w in weights}
-    if len(meshes) > 1:
-        raise ConfigError(f"precompute_fp8_scales needs every FP8-gathered weight on one FSDP2 mesh; found "
-                          f"{len(meshes)}: shard them over one mesh, or leave the call out (each gather then "
-                          f"all-reduces its own scale)")
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if isinstance(p, DTensor) and isinstance(p._local_tensor, Fp8AllGatherWeight):
+            mesh = p.device_mesh if p.device_mesh.ndim == 1 else p._local_tensor._gather_mesh
+            if mesh is not None:
+                by_mesh.setdefault(mesh, []).append(p)
+    for mesh, weights in by_mesh.items():
+        _precompute(weights, mesh)
+    return sum(map(len, by_mesh.values()))
+
+
+def _precompute(weights: list[torch.Tensor], mesh) -> None:
     locals_ = [w._local_tensor for w in weights]
     # the largest magnitude of each shard in one fused kernel; a rank may hold no rows of a weight (amax 0)
     shards = [local._tensor for local in locals_]
@@ -161,11 +172,10 @@ def precompute_fp8_scales(model: nn.Module) -> int:
     norms = iter(torch._foreach_norm(held, ord=math.inf) if held else [])
     none = torch.zeros((), device=locals_[0].device)
     amax = torch.stack([next(norms) if s.numel() else none for s in shards]).float()
-    _all_reduce_max(amax, weights[0].device_mesh)
+    _all_reduce_max(amax, mesh)
     scales = amax_to_scale(amax, E4M3)
     for weight, local, scale, dequant_scale in zip(weights, locals_, scales.unbind(), scales.reciprocal().unbind()):
         local._precomputed = (weakref.ref(weight), weight._version, scale, dequant_scale)
-    return len(weights)
 
 
 class Fp8Weight(torch.Tensor):

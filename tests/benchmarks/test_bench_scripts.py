@@ -161,6 +161,8 @@ def test_bench_distributed_smoke(tmp_path, tp):
         assert res[name]["losses"][1:] != res["bf16"]["losses"][1:]
     assert [res[n]["converted_linears"] for n in mx_arms] == [14, 14, 14, 10]
     assert [res[n]["fp8_gathered_weights"] for n in mx_arms] == [0, 0, 14, 0]
+    # every FP8-gathered weight's scale precomputed after the last step, also over the 2-D (dp, tp) mesh
+    assert [res[n]["precomputed_scales"] for n in mx_arms] == [0, 0, 14, 0]
     torchao = res["torchao float8 tensorwise"]  # (its GEMMs emulated on CPU, its casts and FP8 all-gather real)
     assert torchao["converted_linears"] == torchao["fp8_gathered_weights"] == 14
     assert torchao["losses"][1:] != res["bf16"]["losses"][1:]

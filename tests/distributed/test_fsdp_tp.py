@@ -10,7 +10,8 @@ sharded weight) and that the MX modules really ran the fused path under it.
 
 * FSDP2: ``fully_shard`` on each decoder layer, then on the root, after ``optimize``. Data parallel:
   each rank gets one sequence of the two-sequence batch (the reference sees both), so the loss is the
-  mean of the ranks' losses and FSDP's averaged gradients are the full batch's.
+  mean of the ranks' losses and FSDP's averaged gradients are the full batch's. One scenario shards over
+  a 2-D (replicate 1 x shard 2) mesh, HSDP's layout.
 * DDP: ``DistributedDataParallel`` around the optimized model, each rank one sequence as under FSDP2: its
   gradients equal the full batch's only if DDP all-reduced them.
 * TP: ``parallelize_module`` of the torchtitan-style layers, ``ColwiseParallel`` on wq/wk/wv/w1/w3
@@ -74,6 +75,12 @@ class Scenario:
     meta_init: bool = False     # built and optimized on the meta device, sharded, then to_empty + checkpoint
     fp8_all_gather: bool = False  # fsdp_fp8_all_gather: FSDP2 gathers the FP8 casts of the weights
     precompute_scales: bool = False  # and mxrewrite.precompute_fp8_scales before the step
+    hsdp: bool = False    # FSDP2 over a 2-D (replicate 1, shard 2) mesh: HSDP's layout, gathered over its shard dim
+
+    @property
+    def two_d(self) -> bool:
+        """Parameters on a 2-D mesh, of which FSDP2 gathers over one dim."""
+        return self.hsdp or self.parallel == "fsdp_tp"
 
 
 SCENARIOS = {s.name: s for s in (
@@ -112,6 +119,16 @@ SCENARIOS = {s.name: s for s in (
              atol_rel=1e-5, fp8_all_gather=True),
     Scenario("fsdp_torchtitan_llama_fp8_all_gather_precomputed", "torchtitan_llama", "fsdp", "mx", True, "all",
              "fp8", atol_rel=1e-5, fp8_all_gather=True, precompute_scales=True),
+    # on a 2-D mesh the scales are precomputed over the mesh FSDP2 gathers over, known once a forward has gathered
+    Scenario("hsdp_torchtitan_llama_fp8_all_gather_precomputed", "torchtitan_llama", "fsdp", "mx", True, "all",
+             "fp8", atol_rel=1e-5, fp8_all_gather=True, precompute_scales=True, hsdp=True),
+    # FSDP2 over a one-rank dp mesh x TP over 2 ranks (torchtitan's order: TP, then FSDP2): each rank casts and
+    # gathers its TP shard of each weight in FP8 with that shard's own scale (the gather all-reduces over dp
+    # only), as TP casts its shard without FSDP2. The first rank's halves have the smaller amaxes (see _build),
+    # so a few of their tiny elements keep more precision: one element of wq's gradient differs, by 1.2e-5 of
+    # its largest
+    Scenario("fsdp_tp_torchtitan_llama_fp8_all_gather_precomputed", "torchtitan_llama", "fsdp_tp", "mx", False,
+             "all", "fp8", atol_rel=2e-5, fp8_all_gather=True, precompute_scales=True),
     Scenario("ddp_llama", "llama", "ddp", "hp", True),
     Scenario("ddp_torchtitan_llama_fp8", "torchtitan_llama", "ddp", "mx", True, "all", "fp8"),
     Scenario("tp_torchtitan_llama_fp8", "torchtitan_llama", "tp", "mx", False, "all", "fp8", atol_rel=1e-5),
@@ -299,14 +316,25 @@ def _run_scenario(scenario: Scenario, rank: int) -> dict:
     runner = None
     if scenario.parallel == "ddp":
         runner = nn.parallel.DistributedDataParallel(model)
+    elif scenario.parallel == "fsdp_tp":
+        mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
+        _tp(model, mesh["tp"])
+        _fsdp(model, mesh["dp"])
     else:
-        mesh = init_device_mesh("cpu", (WORLD,))
+        mesh = (init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")) if scenario.hsdp
+                else init_device_mesh("cpu", (WORLD,)))
         (_fsdp if scenario.parallel == "fsdp" else _tp)(model, mesh)
     if scenario.meta_init:
         _materialize(model, scenario)
-    precomputed = mxrewrite.precompute_fp8_scales(model) if scenario.precompute_scales else 0
-    wrong_scales = _wrong_precomputed_scales(model) if scenario.precompute_scales else None
     placements = _placements(model)
+    if scenario.two_d and scenario.precompute_scales:
+        with torch.no_grad():  # the gathers record their mesh
+            _loss(model, tokens.chunk(WORLD)[rank] if scenario.split_batch else tokens)
+        for table in (counter.norms, counter.linears, counter.plain_linears, counter.own_cast):
+            table.clear()  # the step's calls only
+    precomputed = mxrewrite.precompute_fp8_scales(model) if scenario.precompute_scales else 0
+    wrong_scales = (_wrong_precomputed_scales(model, across_ranks=scenario.parallel != "fsdp_tp")
+                    if scenario.precompute_scales else None)
     if scenario.split_batch:
         tokens = tokens.chunk(WORLD)[rank]
     result = _step(model, tokens, WORLD, counter, runner)
@@ -323,9 +351,10 @@ def _run_scenario(scenario: Scenario, rank: int) -> dict:
     return result
 
 
-def _wrong_precomputed_scales(model: nn.Module) -> list[str]:
-    """The FP8-gathered weights whose precomputed (scale, dequant scale) differ from the dynamic cast's of the
-    whole weight: its amax from each shard's, all-reduced here weight by weight."""
+def _wrong_precomputed_scales(model: nn.Module, across_ranks: bool) -> list[str]:
+    """The FP8-gathered weights whose precomputed (scale, dequant scale) differ from the dynamic cast's of what
+    FSDP2 gathers: the whole weight (its amax from each shard's, all-reduced here weight by weight) or, when not
+    ``across_ranks`` (a one-rank dp mesh under TP), this rank's TP shard."""
     from mxrewrite.formats.fp8 import fp8_quantize
 
     wrong = []
@@ -335,7 +364,8 @@ def _wrong_precomputed_scales(model: nn.Module) -> list[str]:
             continue
         shard = local._tensor
         amax = shard.abs().amax().float() if shard.numel() else torch.zeros(())
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+        if across_ranks:
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX)
         _, dequant = fp8_quantize(torch.zeros(1), amax=amax)
         scale, got_dequant = local._precomputed[2:]
         if not (torch.equal(got_dequant, dequant) and torch.equal(scale, dequant.reciprocal())):
@@ -485,6 +515,48 @@ def _check_fused_and_reference(got: dict, ref: dict, scenario: Scenario) -> None
     _check_against_reference(got, ref, scenario)
 
 
+def _check_fp8_all_gather(got: dict, ref: dict, scenario: Scenario) -> None:
+    n_gemms = len(ref["gemms"])
+    if scenario.fp8_all_gather:
+        # every converted weight was cast on its shard and gathered in FP8, before the forward and again before
+        # the backward of each layer (the root's weights stay gathered), and the GEMMs got the gathered cast
+        assert got["fp8_all_gathers"] == {"torch.float8_e4m3fn": 2 * n_gemms}
+        assert got["gemm_weights"] == {"Fp8Weight": n_gemms}
+        if scenario.precompute_scales:  # one all-reduce before the step, none in it
+            assert got["precomputed_scales"] == n_gemms and got["scale_all_reduces"] == 0
+            assert got["wrong_precomputed_scales"] == []  # each the scale of what FSDP2 gathers
+            assert got["precomputed_stale_after_step"] == [True] * n_gemms
+        else:  # one per gather
+            assert got["precomputed_scales"] == 0 and got["scale_all_reduces"] == 2 * n_gemms
+        assert ref["gemm_weights"] == {"Fp8AllGatherWeight": n_gemms}  # one process: cast by the linear itself
+    else:
+        assert got["fp8_all_gathers"] == {} and "Fp8Weight" not in got["gemm_weights"]
+
+
+def _check_tp_sharding(got: dict, ref: dict, dp_placements: tuple[str, ...]) -> None:
+    """Each TP-planned weight is its ``dp_placements`` (FSDP2's, if any) then sharded along its TP dim, this rank
+    holding half of it; every other parameter has ``dp_placements`` only (a plain tensor without FSDP2); the
+    fused GEMMs multiplied this rank's rows of the colwise-sharded MX weights, the own-cast ones this rank's
+    columns of the rowwise-sharded weights."""
+    sharded = 0
+    for pname, (placements, full, local) in got["placements"].items():
+        linear = next((k for k in TP_PLAN if pname.endswith(f"{k}.weight")), None)
+        if linear is None:
+            assert placements == (dp_placements or None), f"{pname}: {placements}"
+            continue
+        dim = 0 if TP_PLAN[linear] == "colwise" else 1
+        # (FSDP2 shards a weight TP shards on dim 0 as well in a _StridedShard(0): dim 0 then splits dp-major)
+        unstrided = tuple(p.removeprefix("_Strided") for p in placements)
+        assert unstrided == (*dp_placements, f"Shard({dim})"), f"{pname}: {placements}"
+        expected = list(full)
+        expected[dim] //= WORLD
+        assert list(local) == expected, f"{pname}: local {local} of {full}"
+        sharded += 1
+    assert sharded == len(TP_PLAN) * zoo.LAYERS
+    local = {"fused": lambda r, c: (r // WORLD, c), "own": lambda r, c: (r, c // WORLD)}
+    assert sorted(got["gemms"]) == sorted((kind, local[kind](*shape)) for kind, shape in ref["gemms"])
+
+
 # ---------------------------------------------------------------------------
 # the tests
 
@@ -494,28 +566,15 @@ def test_fsdp2_after_optimize(name, runs):
     got, ref = result(name), reference(name)
     # really sharded: every parameter (decoder layers and root) is a DTensor sharded on dim 0 over the
     # 2 ranks, and this rank holds half of its rows
+    expected = ("Replicate()", "Shard(0)") if SCENARIOS[name].hsdp else ("Shard(0)",)
     for pname, (placements, full, local) in got["placements"].items():
-        assert placements == ("Shard(0)",), f"{pname} is not sharded by FSDP2: {placements}"
+        assert placements == expected, f"{pname} is not sharded by FSDP2: {placements}"
         assert local[0] == full[0] // WORLD and local[1:] == full[1:], f"{pname}: local {local} of {full}"
     mx_weights = [f"{lin}.weight" for lin in ref["linears"]]
-    assert all(got["placements"][w][0] == ("Shard(0)",) for w in mx_weights)
+    assert all(got["placements"][w][0] == expected for w in mx_weights)
     # the fused GEMMs multiplied the unsharded (all-gathered) weights
     assert sorted(got["gemms"]) == sorted(ref["gemms"])
-    n_gemms = len(ref["gemms"])
-    if SCENARIOS[name].fp8_all_gather:
-        # every converted weight was cast on its shard and gathered in FP8, before the forward and again before
-        # the backward of each layer (the root's weights stay gathered), and the GEMMs got the gathered cast
-        assert got["fp8_all_gathers"] == {"torch.float8_e4m3fn": 2 * n_gemms}
-        assert got["gemm_weights"] == {"Fp8Weight": n_gemms}
-        if SCENARIOS[name].precompute_scales:  # one all-reduce before the step, none in it
-            assert got["precomputed_scales"] == n_gemms and got["scale_all_reduces"] == 0
-            assert got["wrong_precomputed_scales"] == []  # each the scale of the whole weight
-            assert got["precomputed_stale_after_step"] == [True] * n_gemms
-        else:  # one per gather
-            assert got["precomputed_scales"] == 0 and got["scale_all_reduces"] == 2 * n_gemms
-        assert ref["gemm_weights"] == {"Fp8AllGatherWeight": n_gemms}  # one process: cast by the linear itself
-    else:
-        assert got["fp8_all_gathers"] == {} and "Fp8Weight" not in got["gemm_weights"]
+    _check_fp8_all_gather(got, ref, SCENARIOS[name])
     _check_fused_and_reference(got, ref, SCENARIOS[name])
 
 
@@ -523,24 +582,17 @@ def test_fsdp2_after_optimize(name, runs):
 def test_tensor_parallel_after_optimize(name, runs):
     result, reference = runs
     got, ref = result(name), reference(name)
-    sharded = 0
-    for pname, (placements, full, local) in got["placements"].items():
-        linear = next((k for k in TP_PLAN if pname.endswith(f"{k}.weight")), None)
-        if linear is None:
-            assert placements is None, f"{pname} should stay a plain tensor: {placements}"
-            continue
-        dim = 0 if TP_PLAN[linear] == "colwise" else 1
-        assert placements == (f"Shard({dim})",), f"{pname}: {placements}"
-        expected = list(full)
-        expected[dim] //= WORLD
-        assert list(local) == expected, f"{pname}: local {local} of {full}"
-        sharded += 1
-    assert sharded == len(TP_PLAN) * zoo.LAYERS
+    _check_tp_sharding(got, ref, dp_placements=())
     assert "replicated DTensor input" in (got["plain_input_error"] or "")
-    # the fused GEMMs multiplied this rank's rows of the colwise-sharded MX weights, the own-cast ones this
-    # rank's columns of the rowwise-sharded weights
-    local = {"fused": lambda r, c: (r // WORLD, c), "own": lambda r, c: (r, c // WORLD)}
-    assert sorted(got["gemms"]) == sorted((kind, local[kind](*shape)) for kind, shape in ref["gemms"])
+    _check_fused_and_reference(got, ref, SCENARIOS[name])
+
+
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.parallel == "fsdp_tp"])
+def test_fsdp2_with_tensor_parallel_after_optimize(name, runs):
+    result, reference = runs
+    got, ref = result(name), reference(name)
+    _check_tp_sharding(got, ref, dp_placements=("Shard(0)",))  # and FSDP2 over the one-rank dp mesh
+    _check_fp8_all_gather(got, ref, SCENARIOS[name])
     _check_fused_and_reference(got, ref, SCENARIOS[name])
 
 

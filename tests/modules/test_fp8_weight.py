@@ -9,6 +9,7 @@ run is tests/distributed/test_fsdp_tp.py's ``fsdp_torchtitan_llama_fp8_all_gathe
 
 from __future__ import annotations
 
+import copy
 import io
 import weakref
 from types import SimpleNamespace
@@ -20,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mxrewrite
-from mxrewrite.errors import ConfigError
 from mxrewrite.formats.fp8 import fp8_quantize
 from mxrewrite.modules import MXLinear
 from mxrewrite.modules.fp8_weight import Fp8AllGatherWeight, Fp8Weight
@@ -180,8 +180,7 @@ def test_a_precomputed_scale_is_used_only_while_the_weight_is_unchanged():
 
 def test_precompute_covers_a_weight_this_rank_holds_no_rows_of():
     """``precompute_fp8_scales`` on a one-rank gloo group: each weight's scale is its whole tensor's, and an
-    empty shard (a weight of fewer rows than ranks) gets the scale of an all-zero tensor, not an error; weights
-    on two meshes get an error that says what to do."""
+    empty shard (a weight of fewer rows than ranks) gets the scale of an all-zero tensor, not an error."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
@@ -196,9 +195,17 @@ def test_precompute_covers_a_weight_this_rank_holds_no_rows_of():
             *_, scale, dequant = param._local_tensor._precomputed
             assert torch.equal(dequant, fp8_quantize(torch.zeros(1), amax=amax)[1])
             assert torch.equal(scale * dequant, torch.tensor(1.0))
-        other_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("a", "b"))["b"]
-        params.append(nn.Parameter(DTensor.from_local(Fp8AllGatherWeight(shards[0]), other_mesh, [Shard(0)])))
-        with pytest.raises(ConfigError, match="one FSDP2 mesh; found 2"):
-            mxrewrite.precompute_fp8_scales(params)
+        # a weight on a 2-D mesh counts once a gather has told it which part of the mesh FSDP2 gathers over
+        mesh_2d = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+        params.append(nn.Parameter(DTensor.from_local(Fp8AllGatherWeight(shards[0] * 2), mesh_2d,
+                                                      [Shard(0), Shard(0)])))
+        assert mxrewrite.precompute_fp8_scales(params) == 2 and params[2]._local_tensor._precomputed is None
+        params[2]._local_tensor.fsdp_pre_all_gather(mesh_2d["shard"])
+        assert mxrewrite.precompute_fp8_scales(params) == 3
+        *_, dequant = params[2]._local_tensor._precomputed
+        assert torch.equal(dequant, fp8_quantize(shards[0] * 2)[1])
+        # a copy (a deep copy of the model, a pickle) drops the precomputed scale: it would check its original's
+        # version, not its own
+        assert copy.deepcopy(params[0])._local_tensor._precomputed is None
     finally:
         dist.destroy_process_group()
