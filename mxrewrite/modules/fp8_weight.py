@@ -18,9 +18,9 @@ half the unsharded weight's memory (torchao's float8 all-gather, for our recipe)
 * :func:`precompute_fp8_scales` (after ``optimizer.step()``): the scales of every
   such weight from one fused amax and one all-reduce (per FSDP2 mesh) instead of one
   per weight and gather (torchao's ``precompute_float8_dynamic_scale_for_fsdp``);
-  each gather then only casts. A precomputed scale is used only while the parameter is unchanged
-  since (its version counter), so forgetting the call costs the per-weight
-  all-reduces, never a stale scale.
+  each gather then only casts. A precomputed scale is used only while the parameter
+  is unchanged since (its version counter), so forgetting the call costs the
+  per-weight all-reduces, never a stale scale.
 
 Outside FSDP2 an ``Fp8AllGatherWeight`` is its high-precision tensor: every op
 runs on it unwrapped (those FSDP2 uses to shard, pad and copy keep the wrapper),
@@ -81,6 +81,7 @@ class Fp8AllGatherWeight(torch.Tensor):
     def _clear_non_serializable_cached_data(self):
         # torch calls this before a deepcopy or a pickle copies __dict__: a copy must not use the scale of its
         # original (the weakref would keep checking the original's version), nor pickle a process group
+        super()._clear_non_serializable_cached_data()
         self._precomputed = self._gather_mesh = None
 
     def __repr__(self) -> str:
