@@ -1,6 +1,7 @@
 """Helpers shared by the GPU benchmark scripts (bench_layer, bench_train, bench_mx_gemm).
 
-* the run's environment (:func:`environment`) and its one-line summary (:func:`env_line`);
+* the run's environment (:func:`environment`), its one-line summary (:func:`env_line`) and the
+  ``.json`` + ``.md`` report of a kernel benchmark (:func:`write_report`);
 * the transformers Llama of the training benchmarks (:data:`LLAMA_PRESETS`, :func:`llama_for_causal_lm`);
 * the arms: :class:`NotAvailable`, the recipe builders (:func:`torchao_float8`, :func:`build_mxrewrite`)
   with their availability checks, the ``--arms`` filter (:func:`select_arms`) and the result row of an
@@ -57,6 +58,19 @@ def env_line(env: dict, packages: tuple[str, ...] = ("triton", "torchao")) -> st
     dev = env["device"] + (f" ({env['capability']})" if "capability" in env else "")
     versions = "".join(f", {pkg} {env[pkg]}" for pkg in packages)
     return f"{dev}, {env['date_utc']} UTC, torch {env['torch']}{versions}, Python {env['python']}"
+
+
+def write_report(out_dir: str, stem: str, payload: dict, header: str, table: str) -> None:
+    """``<stem>.json`` (``payload``) and ``<stem>.md`` (``header``, then ``table``) in ``out_dir``; the table
+    printed too."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(f"{header}\n\n{table}\n")
+    print("\n" + table)
 
 
 # ---------------------------------------------------------------------------------------------

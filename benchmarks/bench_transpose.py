@@ -19,14 +19,13 @@ Reproduce on the GPU (tabulate installed): ``python benchmarks/bench_transpose.p
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 
 import torch
 from tabulate import tabulate
 
-from bench_common import env_line, environment
+from bench_common import env_line, environment, write_report
 from bench_norm_cast import L2_BYTES, copy_bandwidth, time_us
 
 SHAPES = ((16384, 4096), (16384, 5120), (65536, 4096), (16384, 8192), (14336, 4096), (4096, 14336))
@@ -69,14 +68,10 @@ def main() -> None:
             rows.append(dict(m=m, d=d, arm=name, us=round(us, 2), gbps=round(gbps), of_copy=gbps * 1e9 / bandwidth,
                              check="equal" if ok else "DIFFERS"))
             print(f"{m}x{d} {name}: {us:.1f} us, {gbps:.0f} GB/s, {rows[-1]['check']}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
     table = tabulate([[r["m"], r["d"], r["arm"], r["us"], r["gbps"], f"{r['of_copy']:.0%}", r["check"]]
                       for r in rows], headers=["M", "D", "arm", "us", "GB/s", "% copy", "check"], tablefmt="github")
-    with open(os.path.join(args.out, "transpose.json"), "w") as f:
-        json.dump({"environment": env, "copy_GBps": bandwidth / 1e9, "results": rows}, f, indent=1)
-    with open(os.path.join(args.out, "transpose.md"), "w") as f:
-        f.write(f"{env_line(env, ('triton',))}; copy {bandwidth / 1e9:.0f} GB/s\n\n{table}\n")
-    print("\n" + table)
+    write_report(args.out, "transpose", {"environment": env, "copy_GBps": bandwidth / 1e9, "results": rows},
+                 f"{env_line(env, ('triton',))}; copy {bandwidth / 1e9:.0f} GB/s", table)
 
 
 if __name__ == "__main__":
