@@ -17,6 +17,8 @@ sharded weight) and that the MX modules really ran the fused path under it.
 * TP: ``parallelize_module`` of the torchtitan-style layers, ``ColwiseParallel`` on wq/wk/wv/w1/w3
   (the MX linears) and ``RowwiseParallel`` on wo/w2, over a 2-rank ``DeviceMesh``; both ranks see
   the whole batch.
+* FSDP2 + TP: TP over the 2 ranks, then FSDP2 over a one-rank dp mesh (torchtitan's order; the 2-D mesh
+  a 4-rank run would shard over both dims of), with the FP8 all-gather.
 
 All scenarios run in one 2-process group (spawned once per test session: importing torch and
 transformers dominates the cost), each writes its results to a file, and each test checks one
