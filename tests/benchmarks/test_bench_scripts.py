@@ -129,31 +129,32 @@ def test_bench_train_smoke(tmp_path):
             assert res[name]["status"].startswith("not available")
 
 
-def _bench_distributed(tmp_path: Path, *args: str) -> dict:
+def _bench_distributed(tmp_path: Path, *args: str, ranks: int = 2) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(BENCHMARKS / "bench_distributed.py"), "--smoke", "--out", str(tmp_path), *args],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(ranks), str(BENCHMARKS / "bench_distributed.py"), "--smoke", "--out", str(tmp_path),
+                           *args], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "command: torchrun --nproc-per-node 2" in proc.stdout
+    assert f"command: torchrun --nproc-per-node {ranks}" in proc.stdout
     return {r["arm"]: r for r in json.loads((tmp_path / "bench_distributed.json").read_text())["results"]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [1, 2])
-def test_bench_distributed_smoke(tmp_path, tp):
-    """torchrun with 2 CPU ranks (gloo), FSDP2 (tp 1) or FSDP2 over one rank x TP 2, activation checkpointing:
-    every arm trains, the parameters are really sharded, and the 2-rank run follows the one-rank run within the
-    script's tolerances."""
-    res = _bench_distributed(tmp_path, "--tp", str(tp))
+@pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)], ids=("dp2", "dp2xtp2"))
+def test_bench_distributed_smoke(tmp_path, world, tp):
+    """torchrun with CPU ranks (gloo), FSDP2 over 2 ranks, or over 2 x TP 2 on 4 ranks (the 2-D layout of a
+    multi-GPU node), activation checkpointing: every arm trains, the parameters are really sharded, and the
+    run follows the one-rank run within the script's tolerances."""
+    res = _bench_distributed(tmp_path, "--tp", str(tp), ranks=world)
     mx_arms = ["mxrewrite fp8 rmsnorm", "mxrewrite fp8 mxnorm", "mxrewrite fp8-all-gather rmsnorm",
                "mxrewrite mxfp8 mxnorm"]
     for name in ["bf16", "torchao float8 tensorwise", *mx_arms]:
         r = res[name]
         assert r["status"] == "ok", r["status"]
-        assert (r["world"], r["dp"], r["tp"]) == (2, 2 // tp, tp)
-        # FSDP2 shards everything in half; TP halves the 7 linears of each layer (embedding, norms, head whole)
-        assert r["held_fraction"] == 0.5 if tp == 1 else 0.5 < r["held_fraction"] < 0.7
+        assert (r["world"], r["dp"], r["tp"]) == (world, 2, tp)
+        # FSDP2 shards everything in half; TP halves the 7 linears of each layer again (embedding, norms, head
+        # whole)
+        assert r["held_fraction"] == 0.5 if tp == 1 else 0.25 < r["held_fraction"] < 0.4
         assert r["trains"] and len(r["losses"]) == 6
         assert r["reference"]["ok"], r["reference"]
         assert len(r["reference"]["reference_losses"]) == 6
