@@ -25,7 +25,7 @@ import os
 import torch
 from tabulate import tabulate
 
-from bench_common import env_line, environment, write_report
+from bench_common import allow_recompiles, env_line, environment, write_report
 from bench_norm_cast import L2_BYTES, copy_bandwidth, time_us
 
 SHAPES = ((2048, 2048), (512, 2048), (8192, 2048), (2048, 8192))  # q/o, k/v, gate/up, down
@@ -58,6 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8_cast.py times CUDA kernels: run it on a machine with a GPU")
+    allow_recompiles()  # the inductor arm compiles the same function once per shape and dtype
     env = environment()
     bandwidth = copy_bandwidth()
     print(f"{env_line(env, ('triton',))}; device-to-device copy {bandwidth / 1e9:.0f} GB/s", flush=True)
