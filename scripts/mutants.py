@@ -25,7 +25,7 @@ runs once on an unmutated copy (``baseline``): a test that already fails would
 
 Usage::
 
-    python scripts/mutants.py              # all 65 mutants: about 6 minutes on 2 CPU cores (-j 2)
+    python scripts/mutants.py              # all 66 mutants: about 6 minutes on 2 CPU cores (-j 2)
     python scripts/mutants.py --list       # the mutants, their files and tests
     python scripts/mutants.py -k e8m0 -k head   # a subset (substring of the name)
     python scripts/mutants.py --check      # only check that every snippet applies (no tests)
@@ -316,13 +316,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "GAIN_SETS_SCALE: tl.constexpr = HAS_GAMMA and FMT == 1",
            ("tests/ops/kernels/test_norm_cast_kernel.py::test_kernels_bit_exact_under_triton_interpreter",),
            "the fused kernel casts an FP8 activation times its gain with the gain-free static scale (gains > 1 clip)"),
+    Mutant("kernel-fp8-cast-masks-the-tail", "mxrewrite/ops/kernels/fp8_cast.py",
+           "mask = offs < numel", "mask = offs < numel - 1",
+           ("tests/ops/kernels/test_fp8_cast_kernel.py::test_kernel_under_triton_interpreter",),
+           "the FSDP2 shard cast leaves the last element of each shard unwritten"),
     Mutant("fp8-gain-folded-and-applied", "mxrewrite/modules/functions.py",
            "gain = h.gain.float() if h.gain is not None and not s.gain_in_cast else None",
            "gain = h.gain.float() if h.gain is not None else None",
            ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-mx-True]",),
            "the exact RMSNorm (and fsdp_fp8_all_gather) applies its gain in the cast, and to the weights too"),
     Mutant("fp8-all-gather-scale-of-the-shard", "mxrewrite/modules/fp8_weight.py",
-           "        _all_reduce_max(amax, mesh)\n", "",
+           "            _all_reduce_max(amax, mesh)\n", "",
            ("tests/distributed/test_fsdp_tp.py::test_fsdp2_after_optimize[fsdp_torchtitan_llama_fp8_all_gather]",),
            "fsdp_fp8_all_gather: each rank casts its shard with its own scale, and reads the others' with it"),
     Mutant("fp8-precomputed-scale-never-stale", "mxrewrite/modules/fp8_weight.py",
