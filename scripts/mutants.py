@@ -416,7 +416,8 @@ def scratch_copy(base: Path) -> Path:
 
 def mutated(mutant: Mutant, root: Path) -> tuple[str | None, str, str]:
     """``(the mutated text of mutant.file under root, "", "")``, or ``(None, outcome, why)``: ``stale`` when the
-    file or the snippet is gone, ``error`` when the snippet occurs more than once (the mutant is ambiguous)."""
+    file or the snippet is gone, ``error`` when the snippet occurs more than once (the mutant is ambiguous) or
+    the mutated Python does not compile (a test would "kill" it by failing to import)."""
     path = root / mutant.file
     if not path.is_file():
         return None, "stale", f"{mutant.file} does not exist"
@@ -425,7 +426,13 @@ def mutated(mutant: Mutant, root: Path) -> tuple[str | None, str, str]:
     if count != 1:
         return None, "stale" if count == 0 else "error", (
             f"the snippet occurs {count} times in {mutant.file} (must be exactly once): {mutant.old!r}")
-    return text.replace(mutant.old, mutant.new), "", ""
+    text = text.replace(mutant.old, mutant.new)
+    if mutant.file.endswith(".py"):
+        try:
+            compile(text, mutant.file, "exec")
+        except SyntaxError as exc:
+            return None, "error", f"the mutated {mutant.file} does not compile: {exc}"
+    return text, "", ""
 
 
 def run_tests(tests: tuple[str, ...], root: Path, threads: int | None, timeout: float):
