@@ -152,8 +152,7 @@ def test_bench_distributed_smoke(tmp_path, world, tp):
         r = res[name]
         assert r["status"] == "ok", r["status"]
         assert (r["world"], r["dp"], r["tp"]) == (world, 2, tp)
-        # FSDP2 shards everything in half; TP halves the 7 linears of each layer again (embedding, norms, head
-        # whole)
+        # FSDP2 halves everything; TP halves each layer's 7 linears again (embedding, norms, head whole)
         assert r["held_fraction"] == 0.5 if tp == 1 else 0.25 < r["held_fraction"] < 0.4
         assert r["trains"] and len(r["losses"]) == 6
         assert r["reference"]["ok"], r["reference"]
