@@ -8,7 +8,7 @@ branch), so a kernel built from them reproduces the reference bit for bit; the
 tests compare them over millions of values.
 
 float32 -> float8_e4m3fn has two implementations behind a constexpr switch:
-the hardware conversion (``cvt.rn.satfinite.e4m3x2.f32`` on sm_89+) for GPU
+the hardware conversion (``cvt.rn.satfinite.e4m3x2.f32`` on sm_89+: :func:`has_fp8_conversion`) for GPU
 kernels, and a software encoder (c10's ``fp8e4m3fn_from_fp32_value``, round to
 nearest even) for Triton's interpreter, whose float8 casts neither round to
 nearest even nor saturate. The e2m1 byte pack likewise: byte permutes in inline
@@ -17,6 +17,7 @@ PTX on the GPU, the same bits from integer arithmetic under the interpreter.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -42,6 +43,12 @@ _F4E2M1_MAX = tl.constexpr(6.0)
 _ONE_SIXTH = tl.constexpr(1 / 6)  # float64(1 / 6): the NVFP4 block scale divides the block maximum by 6
 _E2M1_SIGN = tl.constexpr(8)
 _E2M1_GRID_BASE = tl.constexpr(8388608.0)  # 2**23, whose float32 ulp is 1
+
+
+def has_fp8_conversion(device) -> bool:
+    """sm_89+ converts float32 to e4m3 in hardware (round to nearest even, saturating): the ``HARDWARE`` switch
+    of :func:`e4m3_encode` for a kernel running on ``device`` (not under the interpreter)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mxrewrite.ops.kernels.codecs import e4m3_encode, to_float32
+from mxrewrite.ops.kernels.codecs import e4m3_encode, has_fp8_conversion, to_float32
 from mxrewrite.ops.kernels.launch import is_interpreted, launch
 
 
@@ -51,7 +51,7 @@ def fp8_cast_triton(t: torch.Tensor, scale: torch.Tensor, config: Fp8CastConfig 
     src = t.contiguous()
     out = torch.empty(src.shape, dtype=torch.uint8, device=src.device)
     if src.numel():
-        hardware_fp8 = not interpret and torch.cuda.get_device_capability(src.device) >= (8, 9)
+        hardware_fp8 = not interpret and has_fp8_conversion(src.device)
         launch(_fp8_cast_kernel, (triton.cdiv(src.numel(), config.block),), src, scale.reshape(()), out,
                src.numel(), BLOCK=config.block, HW_FP8=hardware_fp8, INTERPRET=interpret,
                num_warps=config.num_warps)

@@ -64,6 +64,7 @@ from mxrewrite.ops.kernels.codecs import (
     e8m0_floor_multiplier,
     e8m0_rceil_exponent,
     e8m0_rceil_multiplier,
+    has_fp8_conversion,
     nvfp4_block_scales,
     nvfp4_tensor_scale_inverses,
     to_float32,
@@ -472,11 +473,6 @@ def chunk_blocks_for(num_blocks: int, wanted: int) -> int:
     return min(largest_divisor, 1 << (wanted.bit_length() - 1))
 
 
-def _has_fp8_conversion(device: torch.device) -> bool:
-    """sm_89+ converts float32 to e4m3 in hardware (round to nearest even, saturating)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 def swizzled_scales_numel(n_rows: int, num_blocks: int) -> int:
     """Bytes of torchao's ``to_blocked`` layout: rows padded to 128, block columns to 4."""
     return triton.cdiv(n_rows, _SWIZZLE_ROWS) * _SWIZZLE_ROWS * triton.cdiv(num_blocks, _SWIZZLE_COLS) * _SWIZZLE_COLS
@@ -543,7 +539,7 @@ def norm_cast_triton(
         if spec.block_size % cfg.block_split:
             raise ValueError(f"block_split={cfg.block_split} must divide the block size {spec.block_size}")
         chunk = chunk_blocks_for(num_blocks, cfg.chunk_blocks) if cfg.chunk_blocks else 0
-        hardware_fp8 = not interpret and _has_fp8_conversion(x.device)
+        hardware_fp8 = not interpret and has_fp8_conversion(x.device)
         grid = (triton.cdiv(n_rows, cfg.rows_per_program),)
         launch(
             _norm_cast_kernel, grid,
