@@ -156,10 +156,6 @@ def arms(mx_format: str) -> list[Arm]:
             build_mxrewrite(True, format="fp8", norm="mxnorm", linears="all")),
         Arm("mxrewrite fp8 rmsnorm e4m3 grads", "mxrewrite-fp8",
             build_mxrewrite(True, format="fp8", norm="rmsnorm", linears="all", grad_cast="e4m3")),
-        # MXNorm folds its gain into the weights unless FSDP2 gathers them in FP8 (then the gain goes into the
-        # norm's cast, as the exact RMSNorm always does); no FSDP2 here, so each linear casts its weight itself
-        Arm("mxrewrite fp8 mxnorm gain in cast (fsdp_fp8_all_gather)", "mxrewrite-fp8",
-            build_mxrewrite(True, format="fp8", norm="mxnorm", linears="all", fsdp_fp8_all_gather=True)),
         Arm(f"{mx_format} rmsnorm+cast (inductor)", "mx", build_mxrewrite(False, format=mx_format, norm="rmsnorm"),
             "reference"),
         Arm(f"{mx_format} rmsnorm+cast (fused kernel)", "mx", build_mxrewrite(False, format=mx_format, norm="rmsnorm")),

@@ -15,9 +15,8 @@ Arms: bf16; torchao float8 tensorwise, tensorwise with power-of-two scales (``ro
 rowwise (all 7 linears); mxrewrite ``format="fp8", linears="all"`` with exact RMSNorm and with MXNorm (its
 error includes MXNorm's estimate, which is not RMSNorm: compare it with the rmsnorm arm for the casts; and
 calibrated on the measured input, ``rescale="calibrated"``), and
-with exact RMSNorm and e4m3 gradients (``grad_cast="e4m3"``), and MXNorm with the gain applied in the norm's
-cast instead of folded into the weights (what ``fsdp_fp8_all_gather`` makes it do, and the exact RMSNorm always
-does; its static scale is set by max|g|, so ``--gains spread`` is its test); for comparison the MXFP8 recipe
+with exact RMSNorm and e4m3 gradients (``grad_cast="e4m3"``) (both norms apply the gain in their cast, with
+a static scale set by max|g|: ``--gains spread`` is its test); for comparison the MXFP8 recipe
 on all 7 linears
 (blocks of 32 with power-of-two scales; e5m2 or e4m3 gradients);
 on a GPU also mxrewrite rmsnorm with the forward GEMMs accumulating exactly (no fast accumulation).
@@ -86,9 +85,6 @@ ARMS = [
     Arm("mxrewrite fp8 mxnorm", "mxrewrite-fp8", _mxrewrite("mxnorm")),
     Arm("mxrewrite fp8 mxnorm, calibrated", "mxrewrite-fp8", _mxrewrite("mxnorm", rescale="calibrated")),
     Arm("mxrewrite fp8 rmsnorm, e4m3 gradients", "mxrewrite-fp8", _mxrewrite("rmsnorm", "e4m3")),
-    # MXNorm casting x_hat * g with a static scale set by max|g| instead of folding g into the weights (what
-    # fsdp_fp8_all_gather makes it do; the exact RMSNorm always does it); outside FSDP2 the weights stay as they are
-    Arm("mxrewrite fp8 mxnorm, gain in cast", "mxrewrite-fp8", _mxrewrite("mxnorm", fsdp_fp8_all_gather=True)),
     Arm("mxrewrite mxfp8 rmsnorm", "mxrewrite-mx", _mxrewrite("rmsnorm", fmt="mxfp8")),
     Arm("mxrewrite mxfp8 rmsnorm, e4m3 gradients", "mxrewrite-mx", _mxrewrite("rmsnorm", "e4m3", fmt="mxfp8")),
     Arm("mxrewrite fp8 rmsnorm, exact accumulation", "mxrewrite-fp8-exact", _mxrewrite("rmsnorm")),

@@ -52,11 +52,8 @@ class RewriteConfig:
             float32 on purpose stay in high precision.
         fsdp_fp8_all_gather: under ``"fp8"``, FSDP2 gathers the converted linears'
             weights in FP8, cast on each rank's shard with the whole weight's scale (one
-            byte per element instead of two: torchao's float8 all-gather). MXNorm then
-            applies its gain before its cast instead of folding it into the weights
-            (the weight is cast before the linear sees it), as the exact RMSNorm always
-            does. Without FSDP2 the weights behave as before. Needs ``grad_cast`` other
-            than ``"hp"``.
+            byte per element instead of two: torchao's float8 all-gather). Without
+            FSDP2 the weights behave as before. Needs ``grad_cast`` other than ``"hp"``.
     """
 
     format: str = "mxfp8"

@@ -78,8 +78,8 @@ def ref(case: str) -> str:
 
 
 FP8_REF = ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-mx-False]",)
-# MXNorm folds its gain into the weights under format="fp8" (the exact RMSNorm casts x_hat * g itself)
-FP8_REF_FOLDED = ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[mxnorm-mx-False]",)
+FP8_REF_MXNORM = ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[mxnorm-mx-False]",)
+FP8_REF_HP = ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[mxnorm-hp-False]",)
 LINEARS_ALL = ("tests/test_fp8_recipe.py::test_linears_all_converts_every_linear_but_head_and_router[fp8]",)
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -254,19 +254,16 @@ MUTANTS: tuple[Mutant, ...] = (
            "if path.upcast or weight_upcast:", "if weight_upcast:",
            ("tests/passes/test_plan.py::test_explicit_float32_linear_is_kept",),
            "a linear the model computes in float32 on purpose is rewritten"),
-    Mutant("fp8-rmsnorm-gain-folded", "mxrewrite/passes/module_plan.py",
-           'gain_in_cast = config.fsdp_fp8_all_gather or config.norm == "rmsnorm"',
-           'gain_in_cast = config.fsdp_fp8_all_gather or (config.norm == "rmsnorm" and config.format != "fp8")',
-           FP8_REF, "format='fp8': the exact RMSNorm folds its gain into the weights (less accurate, slower)"),
-    Mutant("fp8-gain-not-folded", "mxrewrite/modules/fp8_weight.py",
-           "fp8_quantize(weight.float() * gain if gain is not None else weight, E4M3)",
-           "fp8_quantize(weight, E4M3)",
-           FP8_REF_FOLDED,
-           "format='fp8': MXNorm's gain is not folded into the weight"),
-    Mutant("fp8-weight-grad-misses-gain", "mxrewrite/modules/functions.py",
-           "            grad_w = grad_w.float() * gain.float()\n", "            pass\n",
-           FP8_REF_FOLDED,
-           "format='fp8': grad_W = G^T Q(xhat) without the gain's columns"),
+    Mutant("fp8-mxnorm-gain-dropped", "mxrewrite/passes/module_plan.py",
+           'gain_in_cast = config.norm == "rmsnorm" or config.format == "fp8"', 'gain_in_cast = config.norm == "rmsnorm"',
+           FP8_REF_MXNORM, "format='fp8': MXNorm leaves its gain out of its cast (and FP8 linears never fold it)"),
+    Mutant("fp8-rmsnorm-gain-dropped", "mxrewrite/passes/module_plan.py",
+           'gain_in_cast = config.norm == "rmsnorm" or config.format == "fp8"',
+           'gain_in_cast = config.norm == "rmsnorm" and config.format != "fp8"',
+           FP8_REF, "format='fp8': the exact RMSNorm leaves its gain out of its cast"),
+    Mutant("fp8-hp-weight-grad-misses-gain", "mxrewrite/modules/functions.py",
+           "h = normalize(x, rho, gain)", "h = normalize(x, rho)",
+           FP8_REF_HP, "format='fp8', grad_cast='hp': grad_W = G^T xhat without the gain"),
     Mutant("fp8-gradients-e4m3", "mxrewrite/modules/functions.py",
            "fp8_quantize_with_transpose(grad, gradient_elem_dtype(grad_cast))",
            "fp8_quantize_with_transpose(grad, E4M3)",
@@ -321,10 +318,9 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/ops/kernels/test_fp8_cast_kernel.py::test_kernel_under_triton_interpreter",),
            "the FSDP2 shard cast leaves the last element of each shard unwritten"),
     Mutant("fp8-gain-folded-and-applied", "mxrewrite/modules/functions.py",
-           "gain = h.gain.float() if h.gain is not None and not s.gain_in_cast else None",
-           "gain = h.gain.float() if h.gain is not None else None",
-           ("tests/test_fp8_recipe.py::test_fp8_recipe_matches_an_independent_reference[rmsnorm-mx-True]",),
-           "the exact RMSNorm (and fsdp_fp8_all_gather) applies its gain in the cast, and to the weights too"),
+           "w_data, w_scale = weight_cast(weight)  # (the norm",
+           "w_data, w_scale = weight_cast(weight * h.gain if h.gain is not None else weight)  # (the norm",
+           FP8_REF_MXNORM, "format='fp8': the gain applied in the norm's cast and to the weights too"),
     Mutant("fp8-all-gather-scale-of-the-shard", "mxrewrite/modules/fp8_weight.py",
            "            _all_reduce_max(amax, mesh)\n", "",
            ("tests/distributed/test_fsdp_tp.py::test_fsdp2_after_optimize[fsdp_torchtitan_llama_fp8_all_gather]",),

@@ -1,9 +1,9 @@
 """``format="fp8"`` and ``linears="all"`` on whole models (CPU).
 
 * An independent float64 reference of the FP8 recipe for a small SwiGLU block: the norm (exact or MXNorm)
-  and its static-scale e4m3 cast, the gain folded into each weight before its dynamic per-tensor cast, the
-  down projection casting its own input; backward with e5m2 (or e4m3) gradients, ``grad_W = (G^T @ Q(xhat)) * gain``
-  and the straight-through norm gradient. Rounding comes from ``tests.reference_model.round_to_grid``
+  and its static-scale e4m3 cast of ``xhat * gain`` (bound times ``max|gain|``), each weight's dynamic
+  per-tensor cast, the down projection casting its own input; backward with e5m2 (or e4m3) gradients and the
+  straight-through norm gradient (``grad_cast="hp"``: both backward GEMMs unquantized). Rounding comes from ``tests.reference_model.round_to_grid``
   (exponent arithmetic, no float8 dtype), nothing from the code under test.
 * ``linears="all"``: which linears are converted and which are kept (head, router), in the report and the
   modules, and the converted ones really run (counted).
@@ -71,33 +71,31 @@ def static_quant(xhat: torch.Tensor, bound: float) -> torch.Tensor:
 
 
 class RefFp8Linear(torch.autograd.Function):
-    """``y = q_h @ Q(W * gain)^T + b``; backward ``grad_h = Q5(G) @ Q(W)``, ``grad_W = (Q5(G)^T @ q_h) * gain``."""
+    """``y = q_h @ Q(W)^T + b``; backward ``grad_h = Q5(G) @ Q(W)``, ``grad_W = Q5(G)^T @ q_h`` (``grad_elem``
+    None: ``grad_h = G @ W``, ``grad_W = G^T @ h``)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, q_h, gain, grad_elem):
-        ctx.save_for_backward(weight, q_h, gain)
+    def forward(ctx, h, weight, bias, q_h, grad_elem):
+        ctx.save_for_backward(weight, q_h if grad_elem is not None else h.detach())
         ctx.has_bias, ctx.grad_elem = bias is not None, grad_elem
-        w = weight * gain if gain is not None else weight
-        y = q_h.reshape(-1, q_h.shape[-1]) @ dynamic_quant(w, E4M3).t()
+        y = q_h.reshape(-1, q_h.shape[-1]) @ dynamic_quant(weight, E4M3).t()
         y = y + bias if bias is not None else y
         return y.reshape(*h.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, q_h, gain = ctx.saved_tensors
-        g = dynamic_quant(grad_out.reshape(-1, weight.shape[0]), ctx.grad_elem)
-        grad_h = (g @ dynamic_quant(weight, E4M3)).reshape(q_h.shape)
-        grad_w = g.t() @ q_h.reshape(-1, q_h.shape[-1])
-        if gain is not None:
-            grad_w = grad_w * gain
+        weight, operand = ctx.saved_tensors
+        g, w = grad_out.reshape(-1, weight.shape[0]), weight
+        if ctx.grad_elem is not None:
+            g, w = dynamic_quant(g, ctx.grad_elem), dynamic_quant(weight, E4M3)
+        grad_h = (g @ w).reshape(operand.shape)
+        grad_w = g.t() @ operand.reshape(-1, operand.shape[-1])
         grad_b = grad_out.reshape(-1, weight.shape[0]).sum(0) if ctx.has_bias else None
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None
 
 
-def reference_forward(block: SwiGLUBlock, x: torch.Tensor, norm: str, grad_elem: tuple = E5M2,
-                      gain_in_cast: bool = False) -> tuple[torch.Tensor, dict]:
-    """``gain_in_cast``: the norm casts ``xhat * gain`` with its bound times ``max|gain|``, and the weights are
-    cast without the gain (exact RMSNorm; MXNorm under ``fsdp_fp8_all_gather``)."""
+def reference_forward(block: SwiGLUBlock, x: torch.Tensor, norm: str,
+                      grad_elem: tuple | None = E5M2) -> tuple[torch.Tensor, dict]:
     params = {n: p.detach().double().requires_grad_() for n, p in block.named_parameters()}
     x = x.detach().double().requires_grad_()
     if norm == "mxnorm":
@@ -111,24 +109,20 @@ def reference_forward(block: SwiGLUBlock, x: torch.Tensor, norm: str, grad_elem:
     gain = params["norm.weight"]
     h = _StraightThroughNorm.apply(x, gain, rho)
     xhat = x.detach() * rho.unsqueeze(-1)
-    if gain_in_cast:
-        q_h = static_quant(xhat * gain.detach(), bound * gain.detach().abs().max().item())
-        weight_gain = None
-    else:
-        q_h, weight_gain = static_quant(xhat, bound), gain
-    gate = RefFp8Linear.apply(h, params["gate.weight"], None, q_h, weight_gain, grad_elem)
-    up = RefFp8Linear.apply(h, params["up.weight"], params["up.bias"], q_h, weight_gain, grad_elem)
+    q_h = static_quant(xhat * gain.detach(), bound * gain.detach().abs().max().item())
+    gate = RefFp8Linear.apply(h, params["gate.weight"], None, q_h, grad_elem)
+    up = RefFp8Linear.apply(h, params["up.weight"], params["up.bias"], q_h, grad_elem)
     a = F.silu(gate) * up
     q_a = dynamic_quant(a.detach(), E4M3)
-    y = x + RefFp8Linear.apply(a, params["down.weight"], None, q_a, None, grad_elem)
+    y = x + RefFp8Linear.apply(a, params["down.weight"], None, q_a, grad_elem)
     return y, {"x": x, **params}
 
 
 @pytest.mark.parametrize("norm, grad_cast, all_gather", [
-    ("rmsnorm", "mx", False), ("mxnorm", "mx", False), ("rmsnorm", "e4m3", False),
+    ("rmsnorm", "mx", False), ("mxnorm", "mx", False), ("rmsnorm", "e4m3", False), ("mxnorm", "hp", False),
     ("rmsnorm", "mx", True), ("mxnorm", "e4m3", True)])
 def test_fp8_recipe_matches_an_independent_reference(norm, grad_cast, all_gather):
-    """``all_gather``: ``fsdp_fp8_all_gather=True`` (the gain in the norm's cast; no FSDP2 here, so each linear
+    """``all_gather``: ``fsdp_fp8_all_gather=True`` (no FSDP2 here, so each linear
     casts its ``Fp8AllGatherWeight`` itself)."""
     block = make_block()
     x = torch.randn(3, 10, D) * 2
@@ -140,9 +134,8 @@ def test_fp8_recipe_matches_an_independent_reference(norm, grad_cast, all_gather
     y = opt(xin)
     grad = torch.randn_like(y)
     y.backward(grad)
-    gain_in_cast = all_gather or norm == "rmsnorm"
-    assert all(m.settings.gain_in_cast == gain_in_cast for m in opt.modules() if isinstance(m, MXRMSNorm))
-    ref_y, leaves = reference_forward(block, x, norm, E4M3 if grad_cast == "e4m3" else E5M2, gain_in_cast)
+    assert all(m.settings.gain_in_cast for m in opt.modules() if isinstance(m, MXRMSNorm))
+    ref_y, leaves = reference_forward(block, x, norm, {"mx": E5M2, "e4m3": E4M3, "hp": None}[grad_cast])
     ref_y.backward(grad.double())
 
     def rel(a, b):

@@ -65,7 +65,7 @@ class CastSettings(NamedTuple):
     p: int
     scale_mode: str
     eps_in_root: bool
-    gain_in_cast: bool      # gain applied before the cast (exact RMSNorm; fsdp_fp8_all_gather), else folded into W
+    gain_in_cast: bool      # gain applied before the cast (exact RMSNorm; FP8), else folded into W (MX MXNorm)
     grad_cast: str          # "mx" | "e4m3" | "hp": precision of the linears' backward GEMMs
 
 

@@ -24,9 +24,9 @@ half the unsharded weight's memory (torchao's float8 all-gather, for our recipe)
 
 Outside FSDP2 an ``Fp8AllGatherWeight`` is its high-precision tensor: every op
 runs on it unwrapped (those FSDP2 uses to shard, pad and copy keep the wrapper),
-and the linears cast it themselves. A linear fed by a norm then cannot fold the
-norm's gain into the weight (the weight is cast before anything else sees it):
-the norm multiplies by its gain before its own cast instead, as TransformerEngine's
+and the linears cast it themselves. The weight is cast before anything else sees
+it, so no norm's gain can be folded into it: under ``format="fp8"`` every rewritten
+norm multiplies by its gain before its own cast, as TransformerEngine's
 ``LayerNormLinear`` does (``CastSettings.gain_in_cast``).
 """
 
@@ -219,13 +219,11 @@ class Fp8Weight(torch.Tensor):
         return Fp8Weight(inner["data8"], inner["scale"], dtype)
 
 
-def weight_cast(weight: torch.Tensor, gain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(data, dequant_scale)`` of ``weight * diag(gain)`` in e4m3: the gathered cast as it is, else
-    ``fp8_quantize`` (a gathered weight has no gain folded in: its norm applies the gain itself)."""
+def weight_cast(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(data, dequant_scale)`` of ``weight`` in e4m3: the gathered cast as it is, else ``fp8_quantize``."""
     if isinstance(weight, Fp8Weight):
-        assert gain is None, "an FP8-gathered weight cannot take the norm's gain (gain_in_cast)"
         return weight.data8, weight.scale
-    return fp8_quantize(weight.float() * gain if gain is not None else weight, E4M3)
+    return fp8_quantize(weight, E4M3)
 
 
 def weight_cast_transposed(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,20 +1,17 @@
 """The autograd functions of the linears added for Hopper's FP8 and for ``linears="all"``.
 
 * :class:`Fp8CastLinear`: a linear fed by a rewritten norm's FP8 cast
-  (``format="fp8"``). The norm-cast wrote ``Q(xhat)`` with a static scale ``s_x``;
-  MXNorm's gain is folded into the weight before its dynamic per-tensor cast::
+  (``format="fp8"``). The norm-cast wrote ``Q(xhat g)`` with a static scale ``s_x``
+  (the gain applied before the cast, ``gain_in_cast``: MXNorm and the exact RMSNorm
+  alike); ``W`` is cast alone, dynamically per tensor, under ``fsdp_fp8_all_gather``
+  before FSDP2 gathers it (:mod:`~mxrewrite.modules.fp8_weight`)::
 
-      y = alpha * (Q(xhat) s_x) @ (Q(W diag(g)) s_w)^T + b
+      y = alpha * (Q(xhat g) s_x) @ (Q(W) s_w)^T + b
 
   Backward, with ``G`` cast dynamically to e5m2 (torchao's tensorwise recipe; e4m3
   with ``grad_cast="e4m3"``, the element type of torchao's rowwise recipe):
   ``grad_h = G @ W`` (``W`` cast on its own, transposed to the layout the GEMM
-  reads) and ``grad_W = alpha * (G^T @ Q(xhat)) diag(g)``: the forward's cast of
-  ``xhat`` is reused, and the gain multiplies the columns of the product.
-  The exact RMSNorm (and MXNorm with ``fsdp_fp8_all_gather``) casts ``xhat * g`` itself
-  (``gain_in_cast``) and ``W`` is cast alone, under ``fsdp_fp8_all_gather`` before FSDP2
-  gathers it (:mod:`~mxrewrite.modules.fp8_weight`):
-  ``y = alpha * Q(xhat g) @ Q(W)^T + b``, ``grad_W = alpha * G^T @ Q(xhat g)``.
+  reads) and ``grad_W = alpha * G^T @ Q(xhat g)``: the forward's cast is reused.
 * :class:`OwnCastLinear`: a linear whose input is a plain tensor, converted by
   ``linears="all"`` (attention output, MLP down): it casts its input itself, in
   any format (FP8 per tensor; MXFP8 / NVFP4 blocks), and runs the same recipe's
@@ -85,15 +82,13 @@ class Fp8CastLinear(torch.autograd.Function):
         s = h.settings
         hidden, out_features = h.shape[-1], weight.shape[0]
         data = h.elems.reshape(-1, hidden).view(E4M3)
-        # the gain: folded into the weight before its cast, unless the norm applied it before its own
-        gain = h.gain.float() if h.gain is not None and not s.gain_in_cast else None
-        w_data, w_scale = weight_cast(weight, gain)
+        w_data, w_scale = weight_cast(weight)  # (the norm applied the gain before its cast: s.gain_in_cast)
         x_scale = h.tensor_scale * h.alpha if h.alpha != 1.0 else h.tensor_scale
         y = _add_bias(fp8_mm(data, w_data, x_scale, w_scale, h.dtype, fast_accum=FAST_ACCUM_FORWARD), bias)
         # the weight gradient reads the cast transposed: the norm's copy when it made one
         ctx.save_for_backward(h.elems_t if h.elems_t is not None else data, x_scale, h.x, h.rho, h.gain, weight)
         ctx.transposed = h.elems_t is not None
-        ctx.grad_cast, ctx.input_dtype, ctx.alpha, ctx.gain_in_cast = s.grad_cast, h.dtype, h.alpha, s.gain_in_cast
+        ctx.grad_cast, ctx.input_dtype, ctx.alpha = s.grad_cast, h.dtype, h.alpha
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*h.shape[:-1], out_features)
 
@@ -108,7 +103,7 @@ class Fp8CastLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_h = (grad.to(dtype) @ weight.to(dtype)).to(ctx.input_dtype)
             if ctx.needs_input_grad[1]:
-                h = normalize(x, rho, gain if ctx.gain_in_cast else None)
+                h = normalize(x, rho, gain)
                 grad_w = grad.t().to(dtype) @ h.reshape(-1, hidden).to(dtype)
                 if ctx.alpha != 1.0:
                     grad_w = grad_w * ctx.alpha
@@ -120,8 +115,6 @@ class Fp8CastLinear(torch.autograd.Function):
                                            ctx.input_dtype if ctx.needs_input_grad[0] else None)
         if grad_h is not None:
             grad_h = grad_h.reshape(*x.shape[:-1], hidden)
-        if grad_w is not None and gain is not None and not ctx.gain_in_cast:  # the gain folded into W
-            grad_w = grad_w.float() * gain.float()
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:

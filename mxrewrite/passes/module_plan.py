@@ -98,10 +98,10 @@ def _linear_module(gm: fx.GraphModule, model: nn.Module, lin: LinearConsumer) ->
 
 
 def _settings(site: SitePlan, config: RewriteConfig) -> CastSettings:
-    # the exact RMSNorm applies its gain before its cast (FP8: faster, and more accurate with spread gains:
-    # benchmarks/RESULTS.md), as does MXNorm under FP8 when the weights are cast before FSDP2 gathers them;
-    # otherwise MXNorm's gain is folded into the weights (MXNORM.md)
-    gain_in_cast = config.fsdp_fp8_all_gather or config.norm == "rmsnorm"
+    # the gain is applied before the norm's cast wherever that cast computes its own output: the exact RMSNorm,
+    # and MXNorm under FP8 (faster, and more accurate with spread gains: benchmarks/RESULTS.md); MXNorm in the
+    # MX formats keeps the cast's elements of x and so folds its gain into the weights (MXNORM.md)
+    gain_in_cast = config.norm == "rmsnorm" or config.format == "fp8"
     return CastSettings(config.format, config.norm, config.p, config.scale_mode, site.match.eps_in_root,
                         gain_in_cast, config.grad_cast)
 
