@@ -151,6 +151,17 @@ def test_fp8_recipe_matches_an_independent_reference(norm, grad_cast, all_gather
         assert rel(ours[name], leaf.grad) < TOLERANCE, f"{name}: {rel(ours[name], leaf.grad):.2e}"
 
 
+def test_a_norm_expecting_its_gain_folded_is_refused():
+    """An FP8 MXNorm pickled before 2026-12-06 folded its gain into the linears' weights; the FP8 linears no
+    longer do, so such a norm must fail loudly rather than run without its gain."""
+    block = make_block()
+    x = torch.randn(2, 4, D)
+    opt = mxrewrite.optimize(block, (x,), format="fp8", norm="mxnorm", progress=False)
+    opt.norm.settings = opt.norm.settings._replace(gain_in_cast=False)
+    with pytest.raises(ConfigError, match="run mxrewrite.optimize on the original model again"):
+        opt(x)
+
+
 def test_fp8_all_gather_needs_the_fp8_recipe():
     for bad in (dict(format="mxfp8"), dict(format="fp8", grad_cast="hp")):
         with pytest.raises(ConfigError, match="fsdp_fp8_all_gather=True needs format='fp8'"):

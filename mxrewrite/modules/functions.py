@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from mxrewrite.errors import ConfigError
 from mxrewrite.formats import get_format
 from mxrewrite.formats.fp8 import fp8_quantize, fp8_quantize_with_transpose
 from mxrewrite.modules.cast_tensor import NormCastTensor
@@ -82,7 +83,11 @@ class Fp8CastLinear(torch.autograd.Function):
         s = h.settings
         hidden, out_features = h.shape[-1], weight.shape[0]
         data = h.elems.reshape(-1, hidden).view(E4M3)
-        w_data, w_scale = weight_cast(weight)  # (the norm applied the gain before its cast: s.gain_in_cast)
+        if h.gain is not None and not s.gain_in_cast:
+            raise ConfigError("this FP8 norm expects its gain folded into the linears' weights, as mxrewrite did "
+                              "before 2026-12-06 (a model pickled then); run mxrewrite.optimize on the original "
+                              "model again")
+        w_data, w_scale = weight_cast(weight)  # (the norm applied the gain before its cast)
         x_scale = h.tensor_scale * h.alpha if h.alpha != 1.0 else h.tensor_scale
         y = _add_bias(fp8_mm(data, w_data, x_scale, w_scale, h.dtype, fast_accum=FAST_ACCUM_FORWARD), bias)
         # the weight gradient reads the cast transposed: the norm's copy when it made one
