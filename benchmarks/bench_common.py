@@ -15,6 +15,7 @@ put this folder on ``sys.path`` and import this module as ``bench_common``.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -63,8 +64,6 @@ def env_line(env: dict, packages: tuple[str, ...] = ("triton", "torchao")) -> st
 def write_report(out_dir: str, stem: str, payload: dict, header: str, table: str) -> None:
     """``<stem>.json`` (``payload``) and ``<stem>.md`` (``header``, then ``table``) in ``out_dir``; the table
     printed too."""
-    import json
-
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(payload, f, indent=1)

@@ -13,7 +13,8 @@ model's own code then passes it on as it was written:
 
 * an :class:`~mxrewrite.modules.MXLinear` (any number of them: q, k and v share
   one cast) multiplies the cast directly, with MXNorm's gain folded into its weight
-  (the exact RMSNorm applies its gain in the cast);
+  in the MX formats (the exact RMSNorm, and every norm under FP8, applies its gain
+  in the cast);
 * views that keep rows whole (``view``/``reshape``/``unsqueeze``/``squeeze``, and
   transposes, permutes, slices or selects that leave the last dim in place),
   ``detach``/``clone``, multiplication by a Python number (kept as ``alpha``) and

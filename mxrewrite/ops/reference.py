@@ -98,7 +98,7 @@ def fp8_activation_scale(hidden: int, *, norm: str, p: int, correction: Scalar) 
 
     The norm bounds ``|x * rho|``, so the scale needs no reduction over the tensor
     (:func:`mxrewrite.formats.fp8.static_scale`: the power of two above ``bound / 448``).
-    Without a gain: the gain is folded into the weights, or applied before the cast and the scale set by
+    This is the scale without a gain; a gain applied before the cast sets it by
     :func:`activation_tensor_scale`.
     """
     return static_scale(norm_output_bound(hidden, fmt="fp8", norm=norm, p=p, correction=correction))
